@@ -1,0 +1,116 @@
+"""Run a compiled artifact: `sparsecc.load(path) -> Runner`.
+
+The loader checks the manifest and every file's sha256 before anything is loaded, then hands the library to
+the executor named in `manifest.runtime.kind`. The native executor (`tvm-vm`) needs only TVM's runtime;
+executors for emulated or foreign targets (qemu, node) register themselves from `sparsecc.codegen`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .artifact import Manifest, read_manifest
+from .errors import BadInput, Unsupported
+from .ir import TensorSpec
+
+
+class Executor(Protocol):
+    def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+_EXECUTORS: dict[str, Callable[[Manifest], Executor]] = {}
+
+
+def register_executor(kind: str) -> Callable:
+    def deco(factory: Callable[[Manifest], Executor]) -> Callable[[Manifest], Executor]:
+        _EXECUTORS[kind] = factory
+        return factory
+
+    return deco
+
+
+def _to_numpy(value: Any) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    out: list[np.ndarray] = []
+    for v in value:  # a tuple of outputs
+        out.extend(_to_numpy(v))
+    return out
+
+
+@register_executor("tvm-vm")
+class TvmVmExecutor:
+    """Relax VM over a natively loadable shared library."""
+
+    def __init__(self, manifest: Manifest):
+        import tvm
+        from tvm import relax
+
+        threads = manifest.runtime.get("threads")
+        if threads:
+            tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+        lib = tvm.runtime.load_module(str(manifest.file(manifest.runtime["library"])))
+        self._tvm = tvm
+        self._vm = relax.VirtualMachine(lib, tvm.cpu())
+        self._main = self._vm["main"]
+
+    def __call__(self, args: list[np.ndarray]) -> list[np.ndarray]:
+        tensors = [self._tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]
+        return _to_numpy(self._main(*tensors))
+
+
+class Runner:
+    """A loaded artifact. `run(feeds)` returns outputs in the model's output order."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        kind = manifest.runtime.get("kind")
+        if kind not in _EXECUTORS:
+            _load_plugin_executors()
+        if kind not in _EXECUTORS:
+            raise Unsupported(f"{manifest.path}: runtime '{kind}' is not available here")
+        self._execute = _EXECUTORS[kind](manifest)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.manifest.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.manifest.outputs
+
+    def _arguments(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in feeds]
+        extra = [n for n in feeds if n not in names]
+        if missing or extra:
+            raise BadInput(f"inputs do not match the model: missing {missing}, unexpected {extra}; expected {names}")
+        args = []
+        for spec in self.inputs:
+            a = np.asarray(feeds[spec.name])
+            if tuple(a.shape) != spec.shape:
+                raise BadInput(f"input '{spec.name}' has shape {list(a.shape)}, the artifact expects {list(spec.shape)}")
+            if a.dtype != np.dtype(spec.dtype):
+                if not np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
+                    raise BadInput(f"input '{spec.name}' has dtype {a.dtype}, the artifact expects {spec.dtype}")
+                a = a.astype(spec.dtype)
+            args.append(a)
+        return args
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._execute(self._arguments(feeds))
+
+
+def _load_plugin_executors() -> None:
+    from .pipeline import load_plugins
+
+    load_plugins()
+
+
+def load(path: str | Path) -> Runner:
+    """Load an artifact directory, refusing it if any file does not match the manifest."""
+    return Runner(read_manifest(path, check_files=True))
