@@ -1,0 +1,20 @@
+"""TVM code generation: one backend per target family, registered with the pipeline by target name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sparsecc.pipeline import register_target
+
+from .build import LLVMBackend
+from .targets import cpu_target, raw_target
+
+
+@register_target("cpu", "x86", "x86_64", "llvm", "host")
+def cpu_backend(options: dict[str, Any]) -> LLVMBackend:
+    return LLVMBackend(cpu_target(options.get("threads")), options)
+
+
+@register_target("raw")
+def raw_backend(options: dict[str, Any]) -> LLVMBackend:
+    return LLVMBackend(raw_target(options["tvm_target"]), options)

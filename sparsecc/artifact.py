@@ -59,16 +59,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextmanager
-def atomic_directory(output: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `output`; on success it replaces `output`, on any failure it is removed."""
-    output = Path(output)
+def check_output(output: Path, force: bool) -> None:
+    """Refuse to replace an existing output unless forced, and never replace a non-directory."""
     if output.exists() and not force:
         raise BadInput(f"{output}: already exists (use --force to replace it)")
     if output.exists() and not output.is_dir():
         raise BadInput(f"{output}: exists and is not a directory")
+
+
+@contextmanager
+def atomic_directory(output: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `output`; on success it replaces `output`, on any failure it is removed."""
+    output = Path(output)
+    check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact should be like any other directory
     try:
         with _sigterm_as_interrupt():
             yield tmp

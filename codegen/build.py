@@ -1,0 +1,44 @@
+"""Build one artifact library: Relax import, lowering with our schedules, export.
+
+`LLVMBackend` serves every target whose code TVM emits through LLVM and runs under the Relax VM; the target
+table (`targets.py`) says how each one is named, exported and run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sparsecc.errors import Unsupported, one_line
+from sparsecc.ir import Model
+from sparsecc.pipeline import BuildResult, PassContext
+
+from .frontend import to_relax
+from .lowering import compile_module
+from .targets import TargetSpec
+
+
+class LLVMBackend:
+    def __init__(self, spec: TargetSpec, options: dict[str, Any]):
+        self.spec = spec
+        self.options = options
+
+    def build(self, model: Model, out_dir: Path, ctx: PassContext) -> BuildResult:
+        with ctx.stage("import (Relax)", kind="codegen"):
+            mod = to_relax(model)
+        target = self.spec.target()
+        with ctx.stage(f"build ({self.spec.name})", kind="codegen"):
+            try:
+                ex = compile_module(mod, target)
+            except Exception as e:  # TVM raises TVMError / InternalError with multi-line messages
+                raise Unsupported(f"{model.source}: TVM failed to build for {self.spec.name}: {one_line(e)[:400]}") from None
+        with ctx.stage("export library", kind="codegen"):
+            ex.export_library(str(out_dir / self.spec.library))
+        runtime = {"kind": self.spec.runtime_kind, "library": self.spec.library}
+        if self.options.get("threads"):
+            runtime["threads"] = int(self.options["threads"])
+        return BuildResult(
+            files=(self.spec.library,),
+            runtime=runtime,
+            target={"name": self.spec.name, "tvm": self.spec.tvm_target, **self.spec.info},
+        )

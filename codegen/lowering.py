@@ -1,0 +1,36 @@
+"""The Relax -> executable pipeline shared by all LLVM targets: TVM's CPU pipeline plus our schedules.
+
+Mirrors `tvm.relax.backend.cpu_generic.get_default_pipeline`, with the CPU schedule passes inserted after
+legalization and fusion, where every operator has become a TIR PrimFunc.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+from . import cpu_schedule
+
+
+def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="sparsecc_cpu_pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + cpu_schedule.schedule_passes(target)
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
+    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+
+
+__all__ = ["compile_module", "relax_pipeline", "relax"]

@@ -1,0 +1,53 @@
+"""The target table: what each `--target` name means for TVM, the exporter and the runtime.
+
+Per-target code is this table of differences; the lowering and build steps are shared.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import tvm
+
+from sparsecc.errors import BadInput, Unsupported
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    tvm_target: dict[str, Any]
+    runtime_kind: str = "tvm-vm"
+    library: str = "model.so"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def target(self) -> tvm.target.Target:
+        return tvm.target.Target(self.tvm_target)
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (recorded in the manifest; `native` is unreliable in 0.27)."""
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def cpu_target(threads: int | None = None) -> TargetSpec:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise Unsupported(f"target 'cpu' means host x86-64; this host is {platform.machine()}")
+    cpu = host_cpu()
+    tgt: dict[str, Any] = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
+    if threads:
+        tgt["num-cores"] = int(threads)
+    return TargetSpec("cpu", tgt, info={"host_cpu": cpu})
+
+
+def raw_target(text: str) -> TargetSpec:
+    try:
+        tgt = json.loads(text)
+        tvm.target.Target(tgt)
+    except (json.JSONDecodeError, ValueError, TypeError, tvm.error.TVMError) as e:
+        raise BadInput(f"--target: not a valid TVM target JSON ({' '.join(str(e).split())[:200]})") from None
+    if tgt.get("kind") != "llvm" or "x86_64" not in str(tgt.get("mtriple", "x86_64")):
+        raise Unsupported(f"--target: raw target kind '{tgt.get('kind')}' for this host is not supported yet")
+    return TargetSpec("raw", tgt)

@@ -1,0 +1,269 @@
+"""The `sparsecc` command line: compile, run, verify, inspect, demo.
+
+Every command reports errors as one line on stderr with the documented exit code (0 ok, 2 bad input or
+usage, 3 unsupported, 4 verification failed, 1 internal error); `--debug` adds the traceback. `--json`
+prints one machine-readable object on stdout for build pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInput, SparseccError, one_line
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="sparsecc: ONNX in; pruned, sparsified, tuned, verified TVM artifacts out.")
+out = Console()
+err = Console(stderr=True)
+
+ShapeOpt = Annotated[list[str] | None, typer.Option("--shape", help="Fix an input shape: NAME=d0,d1,... (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"sparsecc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    """sparsecc: ONNX in; pruned, sparsified, tuned, verified TVM artifacts out."""
+
+
+def _emit(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _verification_line(v: dict[str, Any]) -> str:
+    if v.get("status") != "passed":
+        return f"verification: {v.get('status', 'none')}"
+    return (f"verification: [green]passed[/] vs {v['reference']} — max relative error {v['max_rel_error']:.2e} "
+            f"(tolerance {v['tolerance']:g})")
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[Path, typer.Argument(help="The ONNX model.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="cpu (host x86-64), or a TVM target as JSON.")] = "cpu",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact directory.")] = None,
+    shape: ShapeOpt = None,
+    batch: Annotated[int, typer.Option(help="Value for a dynamic leading batch dim.", min=1)] = 1,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the artifact against ONNX Runtime.")] = True,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help="Verification inputs (.npz keyed by input name).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Max relative error vs ONNX Runtime.")] = 1e-4,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads (default: physical cores).", min=1)] = None,
+    dump_dir: Annotated[Path | None, typer.Option("--dump-dir", help="Write the ONNX model after every pass.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile MODEL for a target into a verified artifact directory."""
+    from .compiler import compile as compile_model
+
+    artifact = compile_model(
+        str(model), target=target, output=output, shapes=shape or [], batch=batch, verify=verify,
+        inputs=str(inputs) if inputs else None, tolerance=tolerance, threads=threads,
+        dump_dir=str(dump_dir) if dump_dir else None, force=force, quiet=quiet or as_json,
+    )
+    m = artifact.manifest
+    if as_json:
+        _emit({"status": "ok", "artifact": str(artifact.path), "target": m["target"], "inputs": m["inputs"],
+               "outputs": m["outputs"], "verification": m["verification"], "timings": m["timings"]})
+        return
+    if not quiet:
+        out.print(f"[bold]artifact[/] {artifact.path}  (target {m['target']['name']})")
+        out.print(_verification_line(m["verification"]))
+
+
+def _write_npz(path: Path, names: list[str], values: list[np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **dict(zip(names, values)))
+    tmp.replace(path)
+
+
+@app.command("run")
+def run_cmd(
+    artifact: Annotated[Path, typer.Argument(help="An artifact directory.")],
+    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by input names.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write outputs to this .npz.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run an artifact on inputs from an .npz file."""
+    from .runtime import load
+    from .verify import load_npz
+
+    runner = load(artifact)
+    feeds = load_npz(str(inputs), runner.inputs)
+    results = runner.run(feeds)
+    names = [s.name for s in runner.outputs]
+    if output:
+        _write_npz(output, names, results)
+    summary = [{"name": n, "shape": list(r.shape), "dtype": str(r.dtype)} for n, r in zip(names, results)]
+    if as_json:
+        _emit({"status": "ok", "outputs": summary, "written": str(output) if output else None})
+    else:
+        for s, r in zip(summary, results):
+            out.print(f"{s['name']}: shape {s['shape']} {s['dtype']}  mean {float(np.mean(r)):.6g}")
+        if output:
+            out.print(f"wrote {output}")
+
+
+@app.command("verify")
+def verify_cmd(
+    artifact: Annotated[Path, typer.Argument(help="An artifact directory.")],
+    inputs: Annotated[Path | None, typer.Option("--inputs", help=".npz keyed by input names.")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Default: the tolerance recorded at compile time.")] = None,
+    seed: int = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-run an artifact against ONNX Runtime on its bundled model."""
+    from .artifact import MODEL_FILE
+    from .errors import VerifyFailed
+    from .ir import load_model
+    from .runtime import load
+    from .verify import compare, load_npz, random_inputs, run_onnxruntime
+
+    runner = load(artifact)
+    tol = tolerance if tolerance is not None else runner.manifest.verification.get("tolerance", 1e-4)
+    feeds = load_npz(str(inputs), runner.inputs) if inputs else random_inputs(runner.inputs, seed)
+    ref = run_onnxruntime(load_model(artifact / MODEL_FILE), feeds)
+    errors = compare([s.name for s in runner.outputs], runner.run(feeds), ref)
+    worst = max(errors, key=lambda e: e.rel)
+    ok = worst.rel <= tol
+    if as_json:
+        _emit({"status": "passed" if ok else "failed", "tolerance": tol, "outputs": [e.to_json() for e in errors]})
+    else:
+        for e in errors:
+            out.print(f"{e.name}: max abs error {e.max_abs:.3e}, relative {e.rel:.3e}")
+        out.print(f"[{'green' if ok else 'red'}]{'passed' if ok else 'FAILED'}[/] (tolerance {tol:g})")
+    if not ok:
+        raise VerifyFailed(f"{artifact}: output '{worst.name}' relative error {worst.rel:.3g} > {tol:g}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: Annotated[Path, typer.Argument(help="The ONNX model.")],
+    shape: ShapeOpt = None,
+    groups: Annotated[bool, typer.Option("--groups", help="Show prunable channel groups.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show inputs/outputs, op histogram, parameters and FLOPs per node (and channel groups)."""
+    from .ir import fix_input_shapes, load_model, parse_shape_option
+    from .pipeline import make_pass, run_analysis
+    from .stats import model_summary, node_stats
+
+    m = load_model(str(model))
+    try:
+        m = fix_input_shapes(m, dict(parse_shape_option(s) for s in shape or []))
+    except BadInput:
+        if shape:
+            raise  # a user-given shape that does not fit is an error; otherwise show what is static
+    summary, nodes = model_summary(m), node_stats(m)
+    group_info = run_analysis("groups", make_pass("simplify")(m, None)) if groups else None
+    if as_json:
+        data = {**summary, "layers": [n.to_json() for n in nodes]}
+        if groups:
+            data["groups"] = group_info
+        _emit(data)
+        return
+    out.print(f"[bold]{model}[/]  opset {summary['opset']}, {summary['nodes']} nodes, "
+              f"{summary['params']:,} params, {summary['flops'] / 1e6:,.2f} MFLOPs")
+    for kind in ("inputs", "outputs"):
+        for s in summary[kind]:
+            out.print(f"  {kind[:-1]:6} {s['name']}: {s['dtype']} {s['shape']}")
+    out.print("  ops: " + ", ".join(f"{k} x{v}" for k, v in summary["ops"].items()))
+    table = Table("node", "op", "output shape", "params", "MFLOPs", title="layers")
+    for n in nodes:
+        table.add_row(n.name, n.op, str(list(n.output_shape)), f"{n.params:,}", f"{n.flops / 1e6:.3f}")
+    out.print(table)
+    if groups:
+        _print_groups(group_info)
+
+
+def _print_groups(groups: list[dict[str, Any]]) -> None:
+    table = Table("group", "channels", "params", "MFLOPs", "prunable", "members", title="channel groups")
+    for g in groups:
+        members = ", ".join(str(m.get("node", m)) if isinstance(m, dict) else str(m) for m in g.get("members", []))
+        table.add_row(str(g.get("id")), str(g.get("channels")), f"{g.get('params', 0):,}",
+                      f"{g.get('flops', 0) / 1e6:.3f}", "yes" if g.get("prunable") else f"no: {g.get('reason', '')}",
+                      members[:120])
+    out.print(table)
+
+
+@app.command("demo")
+def demo_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the demo artifact.")] = Path(
+        "sparsecc-demo"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile a bundled trained model for this CPU, verify it, and check its accuracy."""
+    from .compiler import compile as compile_model
+    from .ir import load_model
+    from .models import accuracy, model_path, test_data
+    from .verify import run_onnxruntime
+
+    name = "digits_cnn"
+    x, y = test_data(name)
+    artifact = compile_model(str(model_path(name)), target="cpu", output=output, force=True, quiet=as_json)
+    runner = artifact.load()
+    input_name = runner.inputs[0].name
+    logits = np.concatenate([runner.run({input_name: x[i:i + 1]})[0] for i in range(len(x))])
+    ref_model = load_model(str(model_path(name)))
+    ref = run_onnxruntime(ref_model, {input_name: x})[0]
+    result = {"model": name, "artifact": str(artifact.path), "target": artifact.manifest["target"],
+              "verification": artifact.verification, "test_samples": int(len(y)),
+              "accuracy_onnxruntime": accuracy(ref, y), "accuracy_sparsecc": accuracy(logits, y)}
+    if as_json:
+        _emit(result)
+        return
+    out.print(f"[bold]demo[/]: {name} -> {artifact.path} (target cpu, {artifact.manifest['target'].get('host_cpu')})")
+    out.print(_verification_line(artifact.verification))
+    out.print(f"accuracy on {len(y)} held-out digits: sparsecc {result['accuracy_sparsecc']:.2%}, "
+              f"ONNX Runtime {result['accuracy_onnxruntime']:.2%}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning every error into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        code = app(args=args, prog_name="sparsecc", standalone_mode=False)
+    except typer.Abort:
+        err.print("error: interrupted", highlight=False)
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors (exit 2); bare `sparsecc` already printed its help
+        if one_line(e.format_message()):
+            sys.stderr.write(f"error: {one_line(e.format_message())}\n")
+        sys.exit(e.exit_code if e.exit_code else EXIT_BAD_INPUT)
+    except SparseccError as e:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: {one_line(e)}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # an internal error: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"internal error: {type(e).__name__}: {one_line(e)[:500]} (rerun with --debug)\n")
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
