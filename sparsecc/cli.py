@@ -66,6 +66,8 @@ def compile_cmd(
     inputs: Annotated[Path | None, typer.Option("--inputs", help="Verification inputs (.npz keyed by input name).")] = None,
     tolerance: Annotated[float, typer.Option(help="Max relative error vs ONNX Runtime.")] = 1e-4,
     threads: Annotated[int | None, typer.Option(help="Runtime threads (default: physical cores).", min=1)] = None,
+    tune: Annotated[int, typer.Option("--tune", help="MetaSchedule trials (0: default schedules).", min=0)] = 0,
+    tune_db: Annotated[Path | None, typer.Option("--tune-db", help="Tuning database directory.")] = None,
     dump_dir: Annotated[Path | None, typer.Option("--dump-dir", help="Write the ONNX model after every pass.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -76,7 +78,8 @@ def compile_cmd(
 
     artifact = compile_model(
         str(model), target=target, output=output, shapes=shape or [], batch=batch, verify=verify,
-        inputs=str(inputs) if inputs else None, tolerance=tolerance, threads=threads,
+        inputs=str(inputs) if inputs else None, tolerance=tolerance, threads=threads, tune=tune,
+        tune_db=str(tune_db) if tune_db else None,
         dump_dir=str(dump_dir) if dump_dir else None, force=force, quiet=quiet or as_json,
     )
     m = artifact.manifest

@@ -65,6 +65,8 @@ class CompileOptions:
     tolerance: float = DEFAULT_TOLERANCE
     seed: int = 0
     threads: int | None = None
+    tune: int = 0  # MetaSchedule trials; 0 = default schedules (and tuning records already in the database)
+    tune_db: str | None = None
     dump_dir: str | None = None
     force: bool = False
     quiet: bool = True
@@ -161,7 +163,7 @@ def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: st
     check_output(out, opts.force)  # fail before the expensive work; checked again at the rename
     ctx = PassContext(options={"threads": threads}, quiet=opts.quiet,
                       dump_dir=Path(opts.dump_dir) if opts.dump_dir else None)
-    backend = make_backend(target, {"threads": threads})
+    backend = make_backend(target, {"threads": threads, "tune": opts.tune, "tune_db": opts.tune_db})
     passes = ([make_pass("simplify")] if opts.simplify else []) + [make_pass(n, **o) for n, o in opts.passes]
 
     with ctx.stage("load"):
@@ -183,7 +185,8 @@ def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: st
             "outputs": [s.to_json() for s in m.outputs],
             "source": str(model) if isinstance(model, (str, Path)) else "<ModelProto>",
             "options": {"shapes": {k: list(v) for k, v in opts.shapes.items()}, "batch": opts.batch,
-                        "passes": [[n, _jsonable(o)] for n, o in opts.passes], "threads": threads},
+                        "passes": [[n, _jsonable(o)] for n, o in opts.passes], "threads": threads,
+                        "tune": opts.tune},
         }
         manifest["files"] = {f: sha256_file(tmp / f) for f in sorted({MODEL_FILE, REPORT_FILE, *build.files})}
         if opts.verify:
