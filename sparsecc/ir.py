@@ -222,6 +222,8 @@ def load_model(source: str | Path | onnx.ModelProto) -> Model:
     _check_external_data(proto, base, name)
     _check_ops(proto, name)
     _check_dims(proto, name)
+    # Inference first: exporters often leave output shapes empty, which the full checker refuses.
+    proto = infer_shapes(proto, name)
     validate(proto, name)
     proto = _upgrade_opset(proto)
     return Model(infer_shapes(proto, name), name)

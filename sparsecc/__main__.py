@@ -1,0 +1,5 @@
+"""`python -m sparsecc` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""Shared fixtures: small hand-built ONNX models and a CLI runner that calls `sparsecc.cli.main` in-process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
+
+
+def conv_model(batch="N", seed=0) -> onnx.ModelProto:
+    """Conv -> Relu -> Flatten -> Gemm with a dynamic batch dim."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    fc = numpy_helper.from_array((rng.standard_normal((10, 8 * 16 * 16)) * 0.05).astype(np.float32), "fc")
+    return make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+         helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1, name="fc")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
+        [w, b, fc],
+    )
+
+
+@pytest.fixture
+def conv_path(tmp_path):
+    path = tmp_path / "conv.onnx"
+    onnx.save(conv_model(), path)
+    return path
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process; returns exit code, stdout and stderr."""
+    from sparsecc.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

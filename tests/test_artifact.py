@@ -1,0 +1,102 @@
+"""Artifacts: deterministic, atomic, and refused when tampered with."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import sparsecc
+from sparsecc.artifact import atomic_directory
+
+
+def test_same_input_same_hashes(tmp_path, conv_path):
+    a = sparsecc.compile(conv_path, output=tmp_path / "a")
+    b = sparsecc.compile(conv_path, output=tmp_path / "b")
+    assert a.manifest["files"] == b.manifest["files"]
+
+
+@pytest.mark.parametrize("victim", ["model.so", "model.onnx", "report.json"])
+def test_tampered_file_is_refused(tmp_path, conv_path, victim):
+    sparsecc.compile(conv_path, output=tmp_path / "a")
+    with open(tmp_path / "a" / victim, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(sparsecc.BadInput, match=f"'{victim}' does not match its sha256"):
+        sparsecc.load(tmp_path / "a")
+
+
+def test_truncated_or_missing_files_are_refused(tmp_path, conv_path):
+    sparsecc.compile(conv_path, output=tmp_path / "a")
+    lib = tmp_path / "a" / "model.so"
+    lib.write_bytes(lib.read_bytes()[:100])
+    with pytest.raises(sparsecc.BadInput, match="model.so"):
+        sparsecc.load(tmp_path / "a")
+    lib.unlink()
+    with pytest.raises(sparsecc.BadInput, match="missing"):
+        sparsecc.load(tmp_path / "a")
+    (tmp_path / "a" / "manifest.json").write_text("{not json")
+    with pytest.raises(sparsecc.BadInput, match="unreadable manifest"):
+        sparsecc.load(tmp_path / "a")
+    with pytest.raises(sparsecc.BadInput, match="not an artifact"):
+        sparsecc.load(tmp_path)
+
+
+def test_manifest_path_escape_is_refused(tmp_path, conv_path):
+    sparsecc.compile(conv_path, output=tmp_path / "a")
+    mpath = tmp_path / "a" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["files"]["../../etc/passwd"] = "0" * 64
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(sparsecc.BadInput, match="leaves the artifact"):
+        sparsecc.load(tmp_path / "a")
+
+
+def test_runner_checks_feeds(tmp_path, conv_path):
+    runner = sparsecc.compile(conv_path, output=tmp_path / "a").load()
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    assert runner.run({"x": x})[0].shape == (1, 10)
+    assert runner.run({"x": x.astype(np.float64)})[0].dtype == np.float32  # same-kind cast is fine
+    with pytest.raises(sparsecc.BadInput, match="missing"):
+        runner.run({})
+    with pytest.raises(sparsecc.BadInput, match="shape"):
+        runner.run({"x": np.zeros((2, 3, 16, 16), np.float32)})
+    with pytest.raises(sparsecc.BadInput, match="dtype"):
+        runner.run({"x": x.astype(np.complex64)})
+
+
+def test_existing_output_needs_force(tmp_path, conv_path):
+    sparsecc.compile(conv_path, output=tmp_path / "a")
+    with pytest.raises(sparsecc.BadInput, match="--force"):
+        sparsecc.compile(conv_path, output=tmp_path / "a")
+    art = sparsecc.compile(conv_path, output=tmp_path / "a", force=True, batch=2)
+    assert art.load().inputs[0].shape == (2, 3, 16, 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "conv.onnx"]
+
+
+def test_failure_inside_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_mid_compile_leaves_no_artifact(tmp_path, conv_path):
+    code = (
+        "import time, sparsecc.artifact as a\n"
+        f"with a.atomic_directory(__import__('pathlib').Path({str(tmp_path / 'out')!r})) as t:\n"
+        "    (t / 'partial').write_text('x'); print('ready', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    time.sleep(0.1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
