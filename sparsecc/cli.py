@@ -28,6 +28,19 @@ err = Console(stderr=True)
 
 ShapeOpt = Annotated[list[str] | None, typer.Option("--shape", help="Fix an input shape: NAME=d0,d1,... (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CriterionOpt = Annotated[str, typer.Option("--criterion", help="l1 | l2 | bn | activation | obspa")]
+CalibOpt = Annotated[Path | None, typer.Option("--calib", help="Calibration samples (.npz keyed by input name, [N, ...]).")]
+RoundToOpt = Annotated[int, typer.Option("--round-to", help="Keep channel counts multiples of K.", min=1)]
+GlobalOpt = Annotated[bool, typer.Option("--global", help="Rank groups globally instead of a uniform ratio.")]
+IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Node name to leave unpruned (repeatable).")]
+MaxLayerOpt = Annotated[float, typer.Option("--max-layer-ratio", help="Never prune more than this of one group.")]
+PatternOpt = Annotated[str, typer.Option("--pattern", help="unstructured | block:RxC (e.g. block:4x4) | N:M (e.g. 2:4)")]
+
+
+def _prune_options(criterion: str, round_to: int, global_: bool, ignore: list[str] | None,
+                   max_layer_ratio: float) -> dict[str, Any]:
+    return {"criterion": criterion, "round_to": round_to, "global_ranking": global_,
+            "ignore": tuple(ignore or ()), "max_layer_ratio": max_layer_ratio}
 
 
 def _version(value: bool) -> None:
@@ -71,6 +84,15 @@ def compile_cmd(
     dump_dir: Annotated[Path | None, typer.Option("--dump-dir", help="Write the ONNX model after every pass.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    prune: Annotated[float | None, typer.Option("--prune", help="Remove this ratio of channels (0..1).")] = None,
+    criterion: CriterionOpt = "l1",
+    calib: CalibOpt = None,
+    round_to: RoundToOpt = 1,
+    global_: GlobalOpt = False,
+    ignore: IgnoreOpt = None,
+    max_layer_ratio: MaxLayerOpt = 0.9,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Zero this fraction of weights (0..1).")] = None,
+    pattern: PatternOpt = "unstructured",
     as_json: JsonOpt = False,
 ) -> None:
     """Compile MODEL for a target into a verified artifact directory."""
@@ -81,6 +103,8 @@ def compile_cmd(
         inputs=str(inputs) if inputs else None, tolerance=tolerance, threads=threads, tune=tune,
         tune_db=str(tune_db) if tune_db else None,
         dump_dir=str(dump_dir) if dump_dir else None, force=force, quiet=quiet or as_json,
+        prune=prune, prune_options=_prune_options(criterion, round_to, global_, ignore, max_layer_ratio),
+        sparsity=sparsity, pattern=pattern, calib=str(calib) if calib else None,
     )
     m = artifact.manifest
     if as_json:
@@ -96,6 +120,87 @@ def _write_npz(path: Path, names: list[str], values: list[np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, **dict(zip(names, values)))
     tmp.replace(path)
+
+
+def _transform(model: Path, output: Path, shape: list[str] | None, batch: int | None, force: bool,
+               pass_name: str, options: dict[str, Any], calib: Path | None, quiet: bool) -> dict[str, Any]:
+    """Load -> fix shapes -> simplify -> one pass -> save ONNX atomically; returns before/after stats."""
+    from .ir import fix_input_shapes, load_model, parse_shape_option
+    from .pipeline import PassContext, make_pass
+    from .stats import model_summary
+    from .verify import load_calibration
+
+    if output.exists() and not force:
+        raise BadInput(f"{output}: already exists (use --force to replace it)")
+    m = load_model(str(model))
+    m = fix_input_shapes(m, dict(parse_shape_option(s) for s in shape or []), batch or 1)
+    if calib:
+        options["calib"] = load_calibration(str(calib), m.inputs)
+    ctx = PassContext(quiet=quiet)
+    with ctx.stage("simplify"):
+        m = make_pass("simplify")(m, ctx)
+    before = model_summary(m)
+    p = make_pass(pass_name, **options)
+    with ctx.stage(pass_name):
+        result = p(m, ctx)
+    after = model_summary(result)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        result.save(tmp)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"status": "ok", "output": str(output), "before": {k: before[k] for k in ("params", "flops", "nodes")},
+            "after": {k: after[k] for k in ("params", "flops", "nodes")}, "log": ctx.log}
+
+
+def _print_before_after(data: dict[str, Any]) -> None:
+    b, a = data["before"], data["after"]
+    table = Table("", "before", "after", "ratio")
+    table.add_row("params", f"{b['params']:,}", f"{a['params']:,}", f"{a['params'] / max(b['params'], 1):.3f}")
+    table.add_row("MFLOPs", f"{b['flops'] / 1e6:,.3f}", f"{a['flops'] / 1e6:,.3f}", f"{a['flops'] / max(b['flops'], 1):.3f}")
+    out.print(table)
+    out.print(f"wrote {data['output']}")
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Annotated[Path, typer.Argument(help="The ONNX model.")],
+    ratio: Annotated[float, typer.Option("--ratio", help="Ratio of channels to remove, in [0, 1).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The pruned ONNX model.")],
+    criterion: CriterionOpt = "l1",
+    calib: CalibOpt = None,
+    round_to: RoundToOpt = 1,
+    global_: GlobalOpt = False,
+    ignore: IgnoreOpt = None,
+    max_layer_ratio: MaxLayerOpt = 0.9,
+    shape: ShapeOpt = None,
+    batch: Annotated[int | None, typer.Option(help="Value for a dynamic leading batch dim.", min=1)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove whole coupled channel groups, physically shrinking the model."""
+    options = {"ratio": ratio, **_prune_options(criterion, round_to, global_, ignore, max_layer_ratio)}
+    data = _transform(model, output, shape, batch, force, "prune", options, calib, quiet=as_json)
+    _emit(data) if as_json else _print_before_after(data)
+
+
+@app.command("sparsify")
+def sparsify_cmd(
+    model: Annotated[Path, typer.Argument(help="The ONNX model.")],
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of weights to zero, in [0, 1).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The sparsified ONNX model.")],
+    pattern: PatternOpt = "unstructured",
+    calib: CalibOpt = None,
+    shape: ShapeOpt = None,
+    batch: Annotated[int | None, typer.Option(help="Value for a dynamic leading batch dim.", min=1)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero weights in a pattern (zeros stay in the dense ONNX weights, so ORT still runs it)."""
+    data = _transform(model, output, shape, batch, force, "sparsify", {"sparsity": sparsity, "pattern": pattern},
+                      calib, quiet=as_json)
+    _emit(data) if as_json else _print_before_after(data)
 
 
 @app.command("run")

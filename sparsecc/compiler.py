@@ -33,7 +33,7 @@ from .ir import Model, fix_input_shapes, load_model, parse_shape_option
 from .pipeline import PassContext, PassManager, make_backend, make_pass
 from .runtime import Runner
 from .stats import model_summary, node_stats
-from .verify import DEFAULT_TOLERANCE, compare, load_npz, random_inputs, run_onnxruntime
+from .verify import DEFAULT_TOLERANCE, compare, load_calibration, load_npz, random_inputs, run_onnxruntime
 
 
 def physical_cores() -> int:
@@ -59,6 +59,12 @@ class CompileOptions:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     batch: int = 1
     passes: tuple[tuple[str, dict[str, Any]], ...] = ()
+    prune: float | None = None  # ratio of channels to remove (structured pruning pass)
+    prune_options: dict[str, Any] = field(default_factory=dict)  # criterion, round_to, global_ranking, ignore...
+    sparsity: float | None = None  # fraction of weights to zero (sparsify pass)
+    pattern: str = "unstructured"
+    sparsify_options: dict[str, Any] = field(default_factory=dict)
+    calib: dict[str, np.ndarray] | str | None = None  # calibration samples for prune/sparsify
     simplify: bool = True
     verify: bool = True
     inputs: dict[str, np.ndarray] | str | None = None
@@ -164,12 +170,13 @@ def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: st
     ctx = PassContext(options={"threads": threads}, quiet=opts.quiet,
                       dump_dir=Path(opts.dump_dir) if opts.dump_dir else None)
     backend = make_backend(target, {"threads": threads, "tune": opts.tune, "tune_db": opts.tune_db})
-    passes = ([make_pass("simplify")] if opts.simplify else []) + [make_pass(n, **o) for n, o in opts.passes]
 
     with ctx.stage("load"):
         m = load_model(model)
         m = fix_input_shapes(m, opts.shapes, opts.batch)
     ctx.dump(0, "input", m)
+    requested = _passes(opts, m)
+    passes = ([make_pass("simplify")] if opts.simplify else []) + [make_pass(n, **o) for n, o in requested]
     m = PassManager(passes).run(m, ctx)
 
     with atomic_directory(out, force=opts.force) as tmp:
@@ -185,7 +192,7 @@ def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: st
             "outputs": [s.to_json() for s in m.outputs],
             "source": str(model) if isinstance(model, (str, Path)) else "<ModelProto>",
             "options": {"shapes": {k: list(v) for k, v in opts.shapes.items()}, "batch": opts.batch,
-                        "passes": [[n, _jsonable(o)] for n, o in opts.passes], "threads": threads,
+                        "passes": [[n, _jsonable(o)] for n, o in requested], "threads": threads,
                         "tune": opts.tune},
         }
         manifest["files"] = {f: sha256_file(tmp / f) for f in sorted({MODEL_FILE, REPORT_FILE, *build.files})}
@@ -197,6 +204,21 @@ def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: st
         manifest["timings"] = ctx.timings
         write_json(tmp / MANIFEST, manifest)
     return Artifact(out, manifest)
+
+
+def _passes(opts: CompileOptions, model: Model) -> list[tuple[str, dict[str, Any]]]:
+    """The requested passes: explicit ones, then pruning, then sparsity (prune first: it changes shapes)."""
+    calib = opts.calib
+    if isinstance(calib, str):
+        calib = load_calibration(calib, model.inputs)
+    extra = {"calib": calib} if calib is not None else {}
+    passes = list(opts.passes)
+    if opts.prune is not None:
+        passes.append(("prune", {"ratio": opts.prune, **extra, **opts.prune_options}))
+    if opts.sparsity is not None:
+        passes.append(("sparsify", {"sparsity": opts.sparsity, "pattern": opts.pattern, **extra,
+                                    **opts.sparsify_options}))
+    return passes
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,26 @@ def load_npz(path: str, specs: list[TensorSpec] | None = None) -> dict[str, np.n
     return feeds
 
 
+def load_calibration(path: str, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Read calibration samples: keys = input names, shapes = input shapes except the leading (sample) dim."""
+    feeds = load_npz(path)
+    names = [s.name for s in specs]
+    if set(feeds) != set(names):
+        raise BadInput(f"{path}: calibration keys {sorted(feeds)} do not match the model inputs {names}")
+    counts = set()
+    for s in specs:
+        a = feeds[s.name]
+        if a.ndim != len(s.shape) or tuple(a.shape[1:]) != tuple(s.shape[1:]) or len(a) == 0:
+            raise BadInput(f"{path}: '{s.name}' has shape {list(a.shape)}, expected [N, {', '.join(map(str, s.shape[1:]))}]")
+        if np.dtype(s.dtype).kind == "f" and a.dtype.kind != "f":
+            raise BadInput(f"{path}: '{s.name}' has dtype {a.dtype}, expected {s.dtype}")
+        feeds[s.name] = a.astype(s.dtype)
+        counts.add(len(a))
+    if len(counts) > 1:
+        raise BadInput(f"{path}: inputs have different sample counts {sorted(counts)}")
+    return feeds
+
+
 def run_onnxruntime(model: Model, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
