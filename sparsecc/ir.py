@@ -178,6 +178,8 @@ def _check_ops(proto: onnx.ModelProto, source: str) -> None:
 
 
 def _check_dims(proto: onnx.ModelProto, source: str) -> None:
+    if not proto.graph.output:
+        raise BadInput(f"{source}: the graph has no outputs")
     for t in proto.graph.initializer:
         if any(d < 0 or d > MAX_DIM for d in t.dims):
             raise BadInput(f"{source}: initializer '{t.name}' has an invalid dimension {list(t.dims)}")
@@ -185,6 +187,8 @@ def _check_dims(proto: onnx.ModelProto, source: str) -> None:
         for d in _dims(v):
             if isinstance(d, int) and d > MAX_DIM:
                 raise BadInput(f"{source}: '{v.name}' has an absurd dimension {d} (limit {MAX_DIM})")
+            if d == 0:
+                raise BadInput(f"{source}: '{v.name}' has a zero-size dimension")
 
 
 def infer_shapes(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:

@@ -15,6 +15,7 @@ from .errors import BadInput, one_line
 from .ir import Model, TensorSpec
 
 DEFAULT_TOLERANCE = 1e-4
+ort.set_default_logger_severity(3)  # errors reach users as our one-line messages, not ORT's log
 
 
 def random_inputs(specs: list[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:

@@ -163,3 +163,32 @@ def test_absurd_dimension_refused():
     model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 1 << 40
     with pytest.raises(BadInput, match="absurd"):
         load_model(model)
+
+
+def _io(name="x", shape=(1, 4)):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+@pytest.mark.parametrize("nodes, inputs, outputs, inits, message", [
+    ([helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+      helper.make_node("Identity", ["a"], ["y"])], [_io()], [_io("y")], [], "topologically sorted"),
+    ([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Sigmoid", ["x"], ["y"])],
+     [_io()], [_io("y")], [], "SSA"),
+    ([helper.make_node("MatMul", ["x", "w"], ["y"])], [_io()], [_io("y")],
+     [onnx.numpy_helper.from_array(np.zeros((5, 4), np.float32), "w")], "Incompatible dimensions"),
+    ([helper.make_node("Conv", ["x", "w"], ["y"])], [_io("x", (1, 1, 4, 4))], [_io("y", (1, 2, 4, 4))],
+     [onnx.numpy_helper.from_array(np.zeros((2, 1, 1, 1), np.int32), "w")], "int32"),
+    ([helper.make_node("Relu", ["x"], ["y"])], [_io("x", (1, 0))], [_io("y", (1, 0))], [], "zero-size"),
+    ([helper.make_node("Relu", ["x"], ["y"])], [_io()], [], [], "no outputs"),
+])
+def test_invalid_graphs(nodes, inputs, outputs, inits, message):
+    with pytest.raises(BadInput, match=message):
+        load_model(make_model(nodes, inputs, outputs, inits))
+
+
+def test_short_raw_data():
+    t = onnx.numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+    t.raw_data = t.raw_data[:10]
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_io()], [_io("y")], [t])
+    with pytest.raises(BadInput, match="too small"):
+        load_model(model)
