@@ -6,6 +6,7 @@ artifact (written to a temp dir) -> verification against ONNX Runtime -> manifes
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .stats import model_summary, node_stats
 from .verify import DEFAULT_TOLERANCE, compare, load_calibration, load_npz, random_inputs, run_onnxruntime
 
 
+@functools.cache
 def physical_cores() -> int:
     """Physical cores (not hyper-threads) available to this process."""
     try:

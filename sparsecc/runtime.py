@@ -7,6 +7,7 @@ executors for emulated or foreign targets (qemu, node) register themselves from 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,10 @@ import numpy as np
 from .artifact import Manifest, read_manifest
 from .errors import BadInput, Unsupported
 from .ir import TensorSpec
+
+# TVM's thread pool pins the calling (Python) thread to one core unless told not to, which silently slows
+# everything else the user's process does afterwards (ONNX Runtime included). Users may still opt in.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 class Executor(Protocol):

@@ -64,3 +64,11 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def replace_file(path, data: bytes) -> None:
+    """Overwrite a file with a new inode. Truncating a library that this process has loaded in place
+    would make its mapped pages vanish (SIGBUS); a tampering user replaces the file, and so do we."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(path)

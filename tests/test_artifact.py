@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import sparsecc
+from conftest import replace_file
 from sparsecc.artifact import atomic_directory
 
 
@@ -25,8 +26,8 @@ def test_same_input_same_hashes(tmp_path, conv_path):
 @pytest.mark.parametrize("victim", ["model.so", "model.onnx", "report.json"])
 def test_tampered_file_is_refused(tmp_path, conv_path, victim):
     sparsecc.compile(conv_path, output=tmp_path / "a")
-    with open(tmp_path / "a" / victim, "ab") as f:
-        f.write(b"\0")
+    path = tmp_path / "a" / victim
+    replace_file(path, path.read_bytes() + b"\0")
     with pytest.raises(sparsecc.BadInput, match=f"'{victim}' does not match its sha256"):
         sparsecc.load(tmp_path / "a")
 
@@ -34,7 +35,7 @@ def test_tampered_file_is_refused(tmp_path, conv_path, victim):
 def test_truncated_or_missing_files_are_refused(tmp_path, conv_path):
     sparsecc.compile(conv_path, output=tmp_path / "a")
     lib = tmp_path / "a" / "model.so"
-    lib.write_bytes(lib.read_bytes()[:100])
+    replace_file(lib, lib.read_bytes()[:100])
     with pytest.raises(sparsecc.BadInput, match="model.so"):
         sparsecc.load(tmp_path / "a")
     lib.unlink()
@@ -100,3 +101,10 @@ def test_sigterm_mid_compile_leaves_no_artifact(tmp_path, conv_path):
     assert proc.returncode != 0
     time.sleep(0.1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.onnx"]
+
+
+def test_running_does_not_pin_the_calling_thread(tmp_path, conv_path):
+    before = os.sched_getaffinity(0)
+    runner = sparsecc.compile(conv_path, output=tmp_path / "a", threads=2).load()
+    runner.run({"x": np.zeros((1, 3, 16, 16), np.float32)})
+    assert os.sched_getaffinity(0) == before

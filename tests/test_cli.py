@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import conv_model, make_model
+from conftest import conv_model, make_model, replace_file
 
 
 def test_compile_run_verify_inspect(cli, tmp_path, conv_path):
@@ -115,7 +115,7 @@ def test_verification_failure_exit_4(cli, tmp_path, conv_path):
 
 def test_tampered_artifact_run_exit_2(cli, tmp_path, conv_path):
     assert cli("compile", conv_path, "-o", tmp_path / "a").code == 0
-    (tmp_path / "a" / "model.so").write_bytes(b"evil")
+    replace_file(tmp_path / "a" / "model.so", b"evil")
     np.savez(tmp_path / "in.npz", x=np.zeros((1, 3, 16, 16), np.float32))
     _errors_cleanly(cli("run", tmp_path / "a", "--inputs", tmp_path / "in.npz"), 2, "model.so", "sha256")
 
