@@ -305,7 +305,8 @@ def inspect_cmd(
 def _print_groups(groups: list[dict[str, Any]]) -> None:
     table = Table("group", "channels", "params", "MFLOPs", "prunable", "members", title="channel groups")
     for g in groups:
-        members = ", ".join(str(m.get("node", m)) if isinstance(m, dict) else str(m) for m in g.get("members", []))
+        nodes = dict.fromkeys(str(m.get("node", m)) if isinstance(m, dict) else str(m) for m in g.get("members", []))
+        members = ", ".join(nodes)
         table.add_row(str(g.get("id")), str(g.get("channels")), f"{g.get('params', 0):,}",
                       f"{g.get('flops', 0) / 1e6:.3f}", "yes" if g.get("prunable") else f"no: {g.get('reason', '')}",
                       members[:120])

@@ -1,0 +1,479 @@
+"""Channel importance criteria for structured pruning, one small plug-in class per criterion.
+
+Sits between `grouping` (which channels go together) and `prune` (which ones go). Every criterion scores each
+channel of each prunable `ChannelGroup` (lower = pruned first): `l1` / `l2` (magnitude of every weight slice
+the channel owns, producers and consumers), `bn` (|gamma| of the group's BatchNorms), `activation` (mean |x| of
+the consumer inputs on calibration data, run through ONNX Runtime), and `obspa` (Optimal-Brain-Surgeon error
+of removing the channel from each consumer layer, from the consumer inputs' Gram matrix - calibration data if
+given, else synthetic inputs - followed by a sequential least-squares reconstruction of the consumer weights
+and biases so that accuracy holds without fine-tuning).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from sparsecc.errors import BadInput
+from sparsecc.ir import Model
+
+from .grouping import ChannelGroup, GroupAnalysis, axis_ids, varying_axes
+
+WEIGHT_ROLES = ("out_channels", "in_channels", "out_features", "in_features", "embedding")
+CONSUMER_ROLES = ("in_channels", "in_features")
+MAX_SAMPLES = 256  # calibration samples used for statistics
+MAX_ROWS = 8192  # rows of a consumer's input matrix kept for OBS (conv patches are subsampled)
+MAX_FEATURES = 6144  # consumers with wider inputs are scored by magnitude instead of OBS
+DAMP = 0.01  # ridge strength (x mean diagonal of the Gram matrix) with calibration data
+DAMP_DATA_FREE = 0.1  # synthetic inputs are only a rough picture of the data: stay closer to the weights
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _scatter(group: ChannelGroup, roots: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sum per-position values into the group's channels."""
+    channels = np.asarray(group.channels)
+    out = np.zeros(len(channels))
+    idx = np.clip(np.searchsorted(channels, roots), 0, len(channels) - 1)
+    ok = (roots >= 0) & (channels[idx] == roots)
+    np.add.at(out, idx[ok], np.asarray(values, dtype=np.float64)[ok])
+    return out
+
+
+def _consts(analysis: GroupAnalysis) -> dict[str, gs.Constant]:
+    return {n: t for n, t in analysis.graph.tensors().items() if isinstance(t, gs.Constant)}
+
+
+def _per_position(values: np.ndarray, axis: int, p: int) -> np.ndarray:
+    other = tuple(a for a in range(values.ndim) if a != axis)
+    return (np.abs(values.astype(np.float64)) ** p).sum(axis=other) if other else np.abs(values) ** p
+
+
+def model_feeds(model: Model, calib: dict[str, np.ndarray] | None, seed: int, n: int = 64) -> list[dict]:
+    """Batches for ONNX Runtime: calibration data cut to the model's static batch, else synthetic inputs."""
+    specs = model.inputs
+    batch = max(1, specs[0].shape[0]) if specs and specs[0].shape else 1
+    if calib is None:
+        rng = np.random.default_rng(seed)
+        calib = {s.name: rng.standard_normal((n,) + tuple(s.shape[1:])).astype(s.dtype) for s in specs}
+    total = min(next(iter(calib.values())).shape[0], MAX_SAMPLES)
+    feeds = []
+    for start in range(0, total - batch + 1, batch):
+        feeds.append({k: v[start : start + batch] for k, v in calib.items()})
+    if not feeds:
+        raise BadInput(f"{model.source}: calibration data has fewer samples than the batch size {batch}")
+    return feeds
+
+
+def run_with_outputs(graph: gs.Graph, opset_model: Model, names: list[str], feeds: list[dict]) -> dict:
+    """Run `graph` with extra tensors exposed as outputs; returns name -> samples concatenated on axis 0."""
+    g = graph.copy()
+    tensors = g.tensors()
+    extra = [tensors[n] for n in names if n in tensors and tensors[n] not in g.outputs]
+    for t in extra:
+        t.dtype = t.dtype or np.float32
+    g.outputs = list(g.outputs) + extra
+    proto = gs.export_onnx(g)
+    proto.ir_version = opset_model.proto.ir_version
+    del proto.opset_import[:]
+    proto.opset_import.extend(opset_model.proto.opset_import)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    want = [n for n in names if n in tensors]
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in want}
+    for feed in feeds:
+        for n, v in zip(want, sess.run(want, feed)):
+            chunks[n].append(v)
+    return {n: np.concatenate(v, axis=0) for n, v in chunks.items()}
+
+
+def _consumers(analysis: GroupAnalysis) -> list[tuple[gs.Node, ChannelGroup]]:
+    """(node, group) for every layer that reads a prunable group's channels through a constant weight."""
+    nodes = {n.name: n for n in analysis.graph.nodes}
+    out, seen = [], set()
+    for g in analysis.groups:
+        if not g.prunable:
+            continue
+        for m in g.members:
+            if m.const and m.role in CONSUMER_ROLES and (m.node, g.id) not in seen:
+                seen.add((m.node, g.id))
+                out.append((nodes[m.node], g))
+    return out
+
+
+# ------------------------------------------------------------------------------------ criteria
+class Magnitude:
+    """Group L-p norm: every weight slice a channel owns (producer rows and consumer columns)."""
+
+    def __init__(self, model, analysis, calib, seed, p: int = 1):
+        consts = _consts(analysis)
+        self.scores = {}
+        for g in analysis.groups:
+            if not g.prunable:
+                continue
+            s = np.zeros(len(g.channels))
+            for m in g.members:
+                if m.const and m.role in WEIGHT_ROLES and m.tensor in consts:
+                    w = np.asarray(consts[m.tensor].values)
+                    s += _scatter(g, m.ids, _per_position(w, m.axis, p))
+            self.scores[g.id] = s
+
+
+class L1(Magnitude):
+    def __init__(self, model, analysis, calib, seed):
+        super().__init__(model, analysis, calib, seed, p=1)
+
+
+class L2(Magnitude):
+    def __init__(self, model, analysis, calib, seed):
+        super().__init__(model, analysis, calib, seed, p=2)
+
+
+class BNScale:
+    """|gamma| of the group's BatchNormalizations (network slimming); L2 for groups without one."""
+
+    def __init__(self, model, analysis, calib, seed):
+        fallback = L2(model, analysis, calib, seed).scores
+        nodes = {n.name: n for n in analysis.graph.nodes}
+        consts = _consts(analysis)
+        self.scores = {}
+        for g in analysis.groups:
+            if not g.prunable:
+                continue
+            s = np.zeros(len(g.channels))
+            for m in g.members:
+                node = nodes.get(m.node)
+                if (
+                    m.op == "BatchNormalization"
+                    and m.const
+                    and node is not None
+                    and node.inputs[1].name == m.tensor
+                ):
+                    s += _scatter(g, m.ids, np.abs(np.asarray(consts[m.tensor].values)))
+            self.scores[g.id] = s if s.any() else fallback[g.id]
+
+
+def _column_norms(node: gs.Node, n: int) -> np.ndarray:
+    """L2 norm of the consumer weight slice that reads each input position (Wanda-style weighting)."""
+    w = np.asarray(node.inputs[1].values, dtype=np.float64)
+    if node.op == "Conv":
+        norms = np.sqrt((w**2).sum(axis=(0, *range(2, w.ndim))))
+    elif node.op == "Gemm" and node.attrs.get("transB", 0):
+        norms = np.sqrt((w**2).sum(axis=0))
+    else:
+        norms = np.sqrt((w**2).sum(axis=1))
+    return norms if len(norms) == n else np.ones(n)
+
+
+class Activation:
+    """Mean |activation| of each channel at the input of the layers consuming the group (calibration data),
+    weighted by the norm of the consumer weights reading it: a channel matters if it is large *and* used."""
+
+    def __init__(self, model, analysis, calib, seed):
+        if calib is None:
+            raise BadInput(f"{model.source}: criterion 'activation' needs calibration data (--calib)")
+        consumers = _consumers(analysis)
+        names = sorted({n.inputs[0].name for n, _ in consumers})
+        acts = run_with_outputs(analysis.graph, model, names, model_feeds(model, calib, seed))
+        fallback = L2(model, analysis, calib, seed).scores
+        self.scores = {}
+        for g in analysis.groups:
+            if not g.prunable:
+                continue
+            s = np.zeros(len(g.channels))
+            for node, cg in consumers:
+                lab = analysis.labels.get(node.inputs[0].name)
+                if cg.id != g.id or lab is None or node.inputs[0].name not in acts:
+                    continue
+                axis = varying_axes(lab)[0]
+                x = acts[node.inputs[0].name]
+                mean_abs = _per_position(x, axis, 1) / (x.size / x.shape[axis])
+                s += _scatter(
+                    g, analysis.find(axis_ids(lab, axis)), mean_abs * _column_norms(node, len(mean_abs))
+                )
+            self.scores[g.id] = s if s.any() else fallback[g.id]
+
+
+# --------------------------------------------------------------------------------------- OBSPA
+class _Layer:
+    """A consumer as a linear map on a feature matrix: y = W z + b (conv via im2col)."""
+
+    def __init__(self, node: gs.Node, analysis: GroupAnalysis):
+        self.node = node
+        w = np.asarray(node.inputs[1].values, dtype=np.float64)
+        self.ok = True
+        if node.op == "Conv":
+            self.W = w.reshape(w.shape[0], -1)
+            k = int(np.prod(w.shape[2:]))
+            self.axis, self.pos = 1, np.repeat(np.arange(w.shape[1]), k)
+            self.ok = w.ndim == 4 and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+            self.ok &= int(node.attrs.get("group", 1)) == 1
+        elif node.op == "Gemm":
+            self.W = w if node.attrs.get("transB", 0) else w.T
+            self.axis, self.pos = 1, np.arange(self.W.shape[1])
+            self.ok = node.attrs.get("alpha", 1.0) == 1.0 and node.attrs.get("beta", 1.0) == 1.0
+        else:  # MatMul x @ W
+            self.W = w.T
+            self.axis, self.pos = len(node.inputs[0].shape) - 1, np.arange(self.W.shape[1])
+        raw = analysis.const_axes[node.inputs[1].name][
+            1 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else 0
+        ]
+        self.roots = analysis.find(raw)[self.pos]  # root per feature
+        self.ok &= self.W.shape[1] <= MAX_FEATURES
+
+    def features(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Rows of the layer's feature matrix for input samples x."""
+        if self.node.op == "Conv":
+            z = _im2col(x, self.node)
+        else:
+            z = x.reshape(-1, self.W.shape[1]).astype(np.float64)
+        if len(z) > MAX_ROWS:
+            z = z[rng.choice(len(z), MAX_ROWS, replace=False)]
+        return z
+
+    def bias(self) -> np.ndarray:
+        return _bias_of(self.node, self.W.shape[0])
+
+
+def _im2col(x: np.ndarray, node: gs.Node) -> np.ndarray:
+    w = node.inputs[1].values
+    kh, kw = w.shape[2:]
+    sh, sw = node.attrs.get("strides", [1, 1])
+    dh, dw = node.attrs.get("dilations", [1, 1])
+    t, left, b, r = node.attrs.get("pads", [0, 0, 0, 0])
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (t, b), (left, r)))
+    ho = (xp.shape[2] - (dh * (kh - 1) + 1)) // sh + 1
+    wo = (xp.shape[3] - (dw * (kw - 1) + 1)) // sw + 1
+    cols = [
+        xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = np.stack(cols, axis=2)  # N, C, kh*kw, Ho, Wo
+    return patches.transpose(0, 3, 4, 1, 2).reshape(-1, x.shape[1] * kh * kw)
+
+
+def _bias_of(node: gs.Node, n: int) -> np.ndarray:
+    if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+        return np.broadcast_to(np.asarray(node.inputs[2].values, np.float64).ravel(), (n,)).copy()
+    return np.zeros(n)
+
+
+def _augment(z: np.ndarray) -> np.ndarray:
+    return np.concatenate([z, np.ones((len(z), 1))], axis=1)
+
+
+def _damped(h: np.ndarray) -> np.ndarray:
+    d = DAMP * float(np.mean(np.diag(h))) + 1e-8
+    return h + d * np.eye(len(h))
+
+
+class OBSPA:
+    """OBS group scores from the consumer inputs' Gram matrix, then sequential weight reconstruction."""
+
+    def __init__(self, model, analysis, calib, seed):
+        self.model, self.analysis, self.seed = model, analysis, seed
+        self.feeds = model_feeds(model, calib, seed)
+        self.rng = np.random.default_rng(seed)
+        # data-free: synthetic inputs, with every BatchNorm re-standardizing its batch so that the activations
+        # match the BN statistics (mean beta, std gamma) whatever the input distribution
+        self.damp = DAMP if calib is not None else DAMP_DATA_FREE
+        self.stats_graph = (
+            analysis.graph if calib is not None else bn_matched_graph(analysis.graph, model.opset)
+        )
+        fallback = L2(model, analysis, calib, seed).scores
+        shared = _shared_constants(analysis.graph)
+        layers = {}
+        for node, _ in _consumers(analysis):
+            if node.name not in layers and node.inputs[1].name not in shared:
+                layer = _Layer(node, analysis)
+                if layer.ok:
+                    layers[node.name] = layer
+        self.layers = layers
+        names = sorted({layer.node.inputs[0].name for layer in layers.values()})
+        self.inputs = run_with_outputs(self.stats_graph, model, names, self.feeds)
+        self.scores = {}
+        by_group: dict[int, np.ndarray] = {
+            g.id: np.zeros(len(g.channels)) for g in analysis.groups if g.prunable
+        }
+        seen = {g.id: False for g in analysis.groups if g.prunable}
+        for layer in layers.values():
+            z = _augment(layer.features(self.inputs[layer.node.inputs[0].name], self.rng))
+            h = z.T @ z / len(z)
+            wa = np.concatenate([layer.W, layer.bias()[:, None]], axis=1)
+            energy = float(np.einsum("ij,jk,ik->", wa, h, wa)) + 1e-12
+            hinv = np.linalg.inv(_damped(h))
+            errs = {}
+            for r in np.unique(layer.roots[layer.roots >= 0]):
+                idx = np.nonzero(layer.roots == r)[0]
+                ws = layer.W[:, idx]
+                errs[int(r)] = float(np.sum(ws.T * np.linalg.solve(hinv[np.ix_(idx, idx)], ws.T))) / energy
+            for g in analysis.groups:
+                if g.id in by_group:
+                    roots = np.array(list(errs), dtype=np.int64)
+                    vals = np.array(list(errs.values()))
+                    add = _scatter(g, roots, vals) if len(roots) else 0
+                    if np.any(add):
+                        by_group[g.id] += add
+                        seen[g.id] = True
+        for gid, s in by_group.items():
+            self.scores[gid] = s if seen[gid] else fallback[gid]
+
+    def reconstruct(self, pruned: set[int]) -> None:
+        """Consumer by consumer in graph order: least-squares fit of the kept inputs (as the pruned model sees
+        them) to the original outputs; writes new weights and biases into the analysis graph."""
+        pruned_arr = np.array(sorted(pruned), dtype=np.int64)
+        order = [n.name for n in self.analysis.graph.nodes if n.name in self.layers]
+        masked = self._masked_graph(pruned_arr)
+        for name in order:
+            layer = self.layers[name]
+            drop = np.isin(layer.roots, pruned_arr)
+            if not drop.any():
+                continue
+            xname = layer.node.inputs[0].name
+            x_new = run_with_outputs(masked, self.model, [xname], self.feeds)[xname]
+            rng = np.random.default_rng(self.seed)
+            z = layer.features(self.inputs[xname], rng)
+            rng = np.random.default_rng(self.seed)
+            zn = layer.features(x_new, rng)  # same rows: same seed, same shapes
+            keep = np.nonzero(~drop)[0]
+            zk = _augment(zn[:, keep])
+            target = z @ layer.W.T + layer.bias()
+            # ridge towards the current weights: trusts the data as much as its amount and realism allow
+            hk = zk.T @ zk / len(zk)
+            lam = self.damp * float(np.mean(np.diag(hk))) + 1e-8
+            prior = np.concatenate([layer.W[:, keep], layer.bias()[:, None]], axis=1).T
+            rhs = zk.T @ target / len(zk) + lam * prior
+            sol = np.linalg.solve(hk + lam * np.eye(len(hk)), rhs)  # (k+1, out)
+            w_new = np.zeros_like(layer.W)
+            w_new[:, keep] = sol[:-1].T
+            bias = sol[-1] - (0 if layer.node.op in ("Conv", "Gemm") else layer.bias())
+            _write_layer(self.analysis.graph, layer.node, w_new, bias)
+            _register_bias(self.analysis, layer.node)
+            _write_layer(masked, _find_node(masked, name), w_new, bias)
+
+    def _masked_graph(self, pruned_arr: np.ndarray) -> gs.Graph:
+        """A copy of the graph where pruned inputs of every consumer read zero weights (= the pruned model)."""
+        g = self.stats_graph.copy()
+        for node in g.nodes:
+            if node.name in self.layers:
+                layer = self.layers[node.name]
+                w = np.where(np.isin(layer.roots, pruned_arr)[None, :], 0.0, layer.W)
+                _write_layer(g, node, w, np.zeros(0) if node.op == "MatMul" else layer.bias())
+        return g
+
+
+def _register_bias(analysis: GroupAnalysis, node: gs.Node) -> None:
+    """A bias created by reconstruction follows the layer's output channels when they are pruned."""
+    w = node.inputs[1]
+    out_axis = {"Conv": 0, "Gemm": 0 if node.attrs.get("transB", 0) else 1}.get(node.op, 1)
+    ids = analysis.const_axes.get(w.name, {}).get(out_axis)
+    if node.op == "MatMul":
+        add = node.outputs[0].outputs[0] if node.outputs[0].outputs else None
+        if add is None or add.name != f"{node.name}_bias_add":
+            return
+        add.outputs[0].shape, node.outputs[0].shape = None, None
+        bias = add.inputs[1]
+    elif len(node.inputs) > 2:
+        bias = node.inputs[2]
+    else:
+        return
+    if ids is not None and bias.name not in analysis.const_axes:
+        analysis.const_axes[bias.name] = {bias.values.ndim - 1: ids}
+
+
+def bn_matched_graph(graph: gs.Graph, opset: int) -> gs.Graph:
+    """A copy where each BatchNormalization normalizes with its batch statistics (data-free calibration)."""
+    g = graph.copy()
+    for node in list(g.nodes):
+        if node.op == "BatchNormalization" and all(isinstance(t, gs.Constant) for t in node.inputs[1:3]):
+            _batch_stat_bn(g, node, opset)
+    g.cleanup().toposort()
+    return g
+
+
+def _batch_stat_bn(g: gs.Graph, node: gs.Node, opset: int) -> None:
+    x, y, n = node.inputs[0], node.outputs[0], node.name
+    rank = len(x.shape) if x.shape is not None else 4
+    axes = [0] + list(range(2, rank))
+    shape = (-1,) + (1,) * (rank - 2)
+    gamma = np.asarray(node.inputs[1].values).reshape(shape).copy()
+    beta = np.asarray(node.inputs[2].values).reshape(shape).copy()
+    eps = np.asarray(node.attrs.get("epsilon", 1e-5), dtype=gamma.dtype)
+
+    def add(kind, inputs, tag, **attrs):
+        out = gs.Variable(f"{n}_{tag}", dtype=x.dtype)
+        g.nodes.append(gs.Node(kind, attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    def mean(t, tag):
+        if opset >= 18:
+            return add("ReduceMean", [t, gs.Constant(f"{n}_{tag}_axes", np.array(axes))], tag)
+        return add("ReduceMean", [t], tag, axes=axes)
+
+    centered = add("Sub", [x, mean(x, "mean")], "centered")
+    var = mean(add("Mul", [centered, centered], "sq"), "var")
+    std = add("Sqrt", [add("Add", [var, gs.Constant(f"{n}_eps", eps)], "vareps")], "std")
+    scaled = add("Mul", [add("Div", [centered, std], "xhat"), gs.Constant(f"{n}_gamma", gamma)], "scaled")
+    node.outputs = []
+    g.nodes.append(gs.Node("Add", inputs=[scaled, gs.Constant(f"{n}_beta", beta)], outputs=[y]))
+
+
+def _find_node(graph: gs.Graph, name: str) -> gs.Node:
+    return next(n for n in graph.nodes if n.name == name)
+
+
+def _shared_constants(graph: gs.Graph) -> set[str]:
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant):
+                uses[t.name] = uses.get(t.name, 0) + 1
+    return {n for n, c in uses.items() if c > 1}
+
+
+def _write_layer(graph: gs.Graph, node: gs.Node, w: np.ndarray, b: np.ndarray) -> None:
+    """Store a (out, features) matrix and bias into a Conv/Gemm node, or a MatMul plus a bias delta (added
+    to its `+ b` constant, or as a new Add)."""
+    wt = node.inputs[1]
+    dtype = wt.values.dtype
+    if node.op == "Conv":
+        wt.values = np.ascontiguousarray(w.reshape(wt.values.shape).astype(dtype))
+    elif node.op == "Gemm":
+        wt.values = np.ascontiguousarray((w if node.attrs.get("transB", 0) else w.T).astype(dtype))
+    else:
+        wt.values = np.ascontiguousarray(w.T.astype(dtype))
+    b = b.astype(dtype)
+    if node.op in ("Conv", "Gemm"):
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            old = node.inputs[2]
+            old.values = np.broadcast_to(b, old.values.shape).copy() if old.values.size == b.size else b
+        elif len(node.inputs) <= 2:
+            node.inputs.append(gs.Constant(f"{node.name}_bias", b))
+        return
+    if not np.any(b):
+        return
+    out = node.outputs[0]
+    users = out.outputs
+    if len(users) == 1 and users[0].op == "Add" and out not in graph.outputs:
+        other = [t for t in users[0].inputs if t is not out]
+        if len(other) == 1 and isinstance(other[0], gs.Constant) and other[0].values.shape[-1:] == b.shape:
+            other[0].values = (other[0].values + b).astype(dtype)
+            return
+    pre = gs.Variable(f"{out.name}_nobias", dtype=out.dtype, shape=out.shape)
+    node.outputs = [pre]
+    graph.nodes.append(
+        gs.Node(
+            "Add", f"{node.name}_bias_add", inputs=[pre, gs.Constant(f"{node.name}_bias", b)], outputs=[out]
+        )
+    )
+
+
+CRITERIA = {"l1": L1, "l2": L2, "bn": BNScale, "activation": Activation, "obspa": OBSPA}
+
+
+def score_groups(criterion: str, model: Model, analysis: GroupAnalysis, calib, seed: int):
+    """Instantiate a criterion: `.scores` maps group id -> per-channel scores (lower = pruned first)."""
+    return CRITERIA[criterion](model, analysis, calib, seed)
