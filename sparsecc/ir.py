@@ -209,7 +209,9 @@ def _upgrade_opset(proto: onnx.ModelProto) -> onnx.ModelProto:
     if default_opset(proto) >= UPGRADE_BELOW_OPSET:
         return proto
     try:
-        return version_converter.convert_version(proto, UPGRADE_BELOW_OPSET)
+        upgraded = version_converter.convert_version(proto, UPGRADE_BELOW_OPSET)
+        onnx.checker.check_model(upgraded, full_check=True)
+        return upgraded
     except Exception:  # the converter lacks adapters for some ops; the original may still import
         return proto
 
