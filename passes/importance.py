@@ -5,7 +5,8 @@ channel of each prunable `ChannelGroup` (lower = pruned first): `l1` / `l2` (mag
 the channel owns, producers and consumers), `bn` (|gamma| of the group's BatchNorms), `activation` (mean |x| of
 the consumer inputs on calibration data, run through ONNX Runtime), and `obspa` (Optimal-Brain-Surgeon error
 of removing the channel from each consumer layer, from the consumer inputs' Gram matrix - calibration data if
-given, else synthetic inputs - followed by a sequential least-squares reconstruction of the consumer weights
+given, else synthetic inputs (`synthetic_inputs`: for a classifier without BatchNorm, prior samples it
+classifies confidently) - followed by a sequential least-squares reconstruction of the consumer weights
 and biases so that accuracy holds without fine-tuning).
 """
 
@@ -26,7 +27,10 @@ MAX_SAMPLES = 256  # calibration samples used for statistics
 MAX_ROWS = 8192  # rows of a consumer's input matrix kept for OBS (conv patches are subsampled)
 MAX_FEATURES = 6144  # consumers with wider inputs are scored by magnitude instead of OBS
 DAMP = 0.01  # ridge strength (x mean diagonal of the Gram matrix) with calibration data
-DAMP_DATA_FREE = 0.1  # synthetic inputs are only a rough picture of the data: stay closer to the weights
+DAMP_DATA_FREE = (
+    0.03  # synthetic inputs are only a rough picture of the data: stay a bit closer to the weights
+)
+POOL_FACTOR = 16  # data-free: candidate inputs drawn per input kept
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -49,13 +53,14 @@ def _per_position(values: np.ndarray, axis: int, p: int) -> np.ndarray:
     return (np.abs(values.astype(np.float64)) ** p).sum(axis=other) if other else np.abs(values) ** p
 
 
-def model_feeds(model: Model, calib: dict[str, np.ndarray] | None, seed: int, n: int = 64) -> list[dict]:
+def model_feeds(
+    model: Model, calib: dict[str, np.ndarray] | None, seed: int, n: int = 64, select: bool = True
+) -> list[dict]:
     """Batches for ONNX Runtime: calibration data cut to the model's static batch, else synthetic inputs."""
     specs = model.inputs
     batch = max(1, specs[0].shape[0]) if specs and specs[0].shape else 1
     if calib is None:
-        rng = np.random.default_rng(seed)
-        calib = {s.name: rng.standard_normal((n,) + tuple(s.shape[1:])).astype(s.dtype) for s in specs}
+        calib = synthetic_inputs(model, seed, n, select)
     total = min(next(iter(calib.values())).shape[0], MAX_SAMPLES)
     feeds = []
     for start in range(0, total - batch + 1, batch):
@@ -63,6 +68,67 @@ def model_feeds(model: Model, calib: dict[str, np.ndarray] | None, seed: int, n:
     if not feeds:
         raise BadInput(f"{model.source}: calibration data has fewer samples than the batch size {batch}")
     return feeds
+
+
+def _input_prior(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A broad prior over inputs, one family per sample: sparse binary, sparse uniform in [0, 1], and
+    standard normal, with a per-sample density - no assumption on the data beyond 'pixels or features'."""
+    n = shape[0]
+    bshape = (n,) + (1,) * (len(shape) - 1)
+    density = rng.uniform(0.05, 0.6, bshape)
+    on = rng.uniform(0, 1, shape) < density
+    family = rng.integers(0, 3, bshape)
+    binary = on.astype(np.float64)
+    sparse_uniform = on * rng.uniform(0, 1, shape)
+    return np.where(family == 0, binary, np.where(family == 1, sparse_uniform, rng.standard_normal(shape)))
+
+
+def synthetic_inputs(model: Model, seed: int, n: int = 64, select: bool = True) -> dict[str, np.ndarray]:
+    """Data-free calibration inputs (seeded). A classifier (one float input, [N, classes] output) is shown a
+    pool of `POOL_FACTOR * n` samples from `_input_prior`, and the `n` it classifies most confidently,
+    balanced over the predicted classes, are kept: the network itself picks the inputs that look like its
+    data, so layers without BatchNorm statistics still see activations close to the real ones (a
+    gradient-free DeepInversion). Other models, and `select=False`, get standard normal inputs."""
+    specs = model.inputs
+    rng = np.random.default_rng(seed)
+    out = model.outputs[0] if model.outputs else None
+    classifier = (
+        len(specs) == 1
+        and np.issubdtype(np.dtype(specs[0].dtype), np.floating)
+        and out is not None
+        and out.shape is not None
+        and len(out.shape) == 2
+        and isinstance(out.shape[1], int)
+        and out.shape[1] > 1
+    )
+    if not (classifier and select):
+        return {s.name: rng.standard_normal((n,) + tuple(s.shape[1:])).astype(s.dtype) for s in specs}
+    spec = specs[0]
+    pool = _input_prior((POOL_FACTOR * n,) + tuple(spec.shape[1:]), rng).astype(spec.dtype)
+    batch = max(1, spec.shape[0]) if spec.shape else 1
+    logits = _run_plain(model, spec.name, pool, batch)
+    pool = pool[: len(logits)]
+    z = logits - logits.max(axis=1, keepdims=True)
+    prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    conf, cls = prob.max(axis=1), prob.argmax(axis=1)
+    ranked = [
+        list(np.nonzero(cls == c)[0][np.argsort(-conf[cls == c], kind="stable")]) for c in np.unique(cls)
+    ]
+    chosen: list[int] = []
+    while len(chosen) < min(n, len(pool)):
+        for r in ranked:
+            if r and len(chosen) < n:
+                chosen.append(int(r.pop(0)))
+    return {spec.name: pool[np.array(chosen)]}
+
+
+def _run_plain(model: Model, name: str, x: np.ndarray, batch: int) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    chunks = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x) - batch + 1, batch)]
+    return np.concatenate(chunks).reshape(len(chunks) * batch, -1).astype(np.float64)
 
 
 def run_with_outputs(graph: gs.Graph, opset_model: Model, names: list[str], feeds: list[dict]) -> dict:
@@ -275,10 +341,12 @@ class OBSPA:
 
     def __init__(self, model, analysis, calib, seed):
         self.model, self.analysis, self.seed = model, analysis, seed
-        self.feeds = model_feeds(model, calib, seed)
+        # data-free with BatchNorms: Gaussian inputs, every BatchNorm re-standardizing its batch so that the
+        # activations match the BN statistics (mean beta, std gamma) whatever the input distribution; without
+        # BatchNorm: inputs the network itself classifies confidently (`synthetic_inputs`)
+        has_bn = any(n.op == "BatchNormalization" for n in analysis.graph.nodes)
+        self.feeds = model_feeds(model, calib, seed, select=not has_bn)
         self.rng = np.random.default_rng(seed)
-        # data-free: synthetic inputs, with every BatchNorm re-standardizing its batch so that the activations
-        # match the BN statistics (mean beta, std gamma) whatever the input distribution
         self.damp = DAMP if calib is not None else DAMP_DATA_FREE
         self.stats_graph = (
             analysis.graph if calib is not None else bn_matched_graph(analysis.graph, model.opset)
