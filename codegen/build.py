@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import tvm
+
 from sparsecc.errors import Unsupported, one_line
 from sparsecc.ir import Model
 from sparsecc.pipeline import BuildResult, PassContext
@@ -27,11 +29,20 @@ class LLVMBackend:
         with ctx.stage("import (Relax)", kind="codegen"):
             mod = to_relax(model)
         target = self.spec.target()
+        report: dict[str, Any] = {"schedules": "sparsecc"}
         with ctx.stage(f"build ({self.spec.name})", kind="codegen"):
             try:
-                ex = compile_module(mod, target)
+                ex = compile_module(mod, target, tune=int(self.options.get("tune") or 0),
+                                    tune_db=self.options.get("tune_db"))
             except Exception as e:  # TVM raises TVMError / InternalError with multi-line messages
-                raise Unsupported(f"{model.source}: TVM failed to build for {self.spec.name}: {one_line(e)[:400]}") from None
+                # Our layout and schedule rules must never turn a model TVM can build into a refusal:
+                # fall back to TVM's stock pipeline (slow but correct) and say so in the report.
+                report = {"schedules": "tvm-default", "fallback_reason": one_line(e)[:300]}
+                try:
+                    ex = tvm.compile(mod, target=target)
+                except Exception as e2:
+                    raise Unsupported(
+                        f"{model.source}: TVM failed to build for {self.spec.name}: {one_line(e2)[:400]}") from None
         with ctx.stage("export library", kind="codegen"):
             ex.export_library(str(out_dir / self.spec.library))
         runtime = {"kind": self.spec.runtime_kind, "library": self.spec.library}
@@ -41,4 +52,5 @@ class LLVMBackend:
             files=(self.spec.library,),
             runtime=runtime,
             target={"name": self.spec.name, "tvm": self.spec.tvm_target, **self.spec.info},
+            report=report,
         )

@@ -1,14 +1,335 @@
 """Default schedules for CPU targets, applied to the TIR functions that Relax legalization produces.
 
-Without this step TVM 0.27 leaves Conv and MatMul as naive loops. The entry point `schedule_passes(target)`
-returns the module passes inserted between legalization and lowering.
+Without this step TVM 0.27 leaves Conv and MatMul as naive loops. `schedule_passes(target)` returns the
+module passes inserted between legalization+fusion and lowering: dlight-style rules tried in order on every
+fused PrimFunc that no tuning record has scheduled already.
+
+- `Contraction`: one reduction block (conv2d in NHWC incl. depthwise/grouped, matmul/dense, pooling,
+  global pooling) with its elementwise epilogue (bias, BN, activation, residual add). The output's
+  innermost axis (channels or columns) is tiled into vector registers, the axis above it into a register
+  row block; the reduction runs over a local accumulator tile that the epilogue writes out directly, and
+  the outer tile loops run in parallel.
+- dlight's CPU `Reduction` for softmax/layer-norm-like functions.
+- `Elementwise`: the fallback for everything else: inline what can be inlined, parallel outer loops,
+  vectorized innermost loop.
+
+All rules only reorder, tile and annotate loops; the arithmetic (and its summation order per output) is
+the one legalization wrote, so results match the unscheduled functions up to FMA contraction.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import get_root_block, get_sblock_info
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
 
 
-def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    return [dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction())]
+def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
+    """SIMD lanes for `dtype_bits` elements on `target` (AVX-512: 16 floats, AVX2: 8, NEON/SIMD128: 4)."""
+    bits = 0
+    try:
+        bits = int(llvm_get_vector_width(target))
+    except Exception:  # non-LLVM or unknown CPU
+        bits = 0
+    return max(2, (bits if bits > 0 else 128) // dtype_bits)
+
+
+def vector_registers(target: Target) -> int:
+    """Architectural SIMD registers, which bound the accumulator tile."""
+    mattr = [str(a) for a in target.attrs.get("mattr", [])]
+    if vector_lanes(target) >= 16 or any("avx512" in a for a in mattr):
+        return 32
+    if "aarch64" in str(target.attrs.get("mtriple", "")):
+        return 32
+    return 16
+
+
+def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Register tile of a contraction: `rows` output rows x `cols` output columns (vectorized)."""
+
+    rows: int
+    cols: int
+
+
+def choose_cols(n: int, lanes: int) -> int:
+    """Output columns per register tile, a whole number of vector registers.
+
+    Two full vectors when they divide n, else one to four; for other extents (1000 classes) several
+    half- or quarter-width vectors that divide n (ShuffleNet's 116 = 4 x 29); failing that, one full vector
+    with a masked tail.
+    """
+    for k in (2, 3, 4, 1):
+        if n % (k * lanes) == 0:
+            return k * lanes
+    for v in (lanes // 2, lanes // 4):
+        if v >= 4 and n % v == 0:
+            ks = [k for k in _divisors(n // v) if k * v <= 4 * lanes]
+            return min(ks, key=lambda k: (abs(k * v - 2 * lanes), -k)) * v
+    # A masked tail: TVM scalarizes the predicated vector loop, so this is the slow path (prime extents).
+    return lanes
+
+
+def choose_tile(m: int, n: int, lanes: int, registers: int) -> Tile:
+    """Pick a register tile for an m x n output plane.
+
+    Columns come from `choose_cols`; rows are the largest divisor of m keeping the accumulators within about
+    three quarters of the register file. A single-row plane (batch-1 dense) gets a wider column tile instead.
+    """
+    cols = choose_cols(n, lanes)
+    if m == 1 and n % (4 * lanes) == 0:
+        return Tile(rows=1, cols=4 * lanes)
+    vregs = -(-cols // lanes)
+    budget = max(1, (registers * 3 // 4) // vregs)
+    rows = max(d for d in _divisors(m) if d <= budget)
+    if rows < min(4, budget) and m > budget:
+        rows = budget  # no good divisor (e.g. prime extents): accept a masked row tail
+    return Tile(rows=rows, cols=cols)
+
+
+def _simple_loop_nest(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    """Whether the block's loops bind its iter vars one to one, in order (what legalization emits)."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(stmt.iter_vars):
+        return False
+    for loop, iv in zip(loops, stmt.iter_vars):
+        if not isinstance(sch.get(loop).extent, tirx.IntImm) or not isinstance(iv.dom.extent, tirx.IntImm):
+            return False
+        if int(sch.get(loop).extent) != int(iv.dom.extent):
+            return False
+    return True
+
+
+def _is_pad(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    return bool(tvm.get_global_func("s_tir.schedule.HasIfThenElse")(sch.get(block)))
+
+
+# Below this many loop iterations a function runs on one thread: waking the pool costs more than it saves.
+MIN_PARALLEL_WORK = 32768
+
+
+def _work(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int:
+    n = 1
+    for loop in sch.get_loops(block):
+        n *= _extent(sch, loop) or 1024
+    return n
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Parallel outer loops, vectorized innermost loop (when it is long enough to fill a vector)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    parallel = _work(sch, block) >= MIN_PARALLEL_WORK
+    inner_ext = _extent(sch, loops[-1])
+    vec = None
+    outer = list(loops)
+    if inner_ext is not None and inner_ext >= lanes and len(loops) >= 1:
+        if inner_ext % lanes == 0 or inner_ext > 4 * lanes:
+            outer_loop, vec = sch.split(loops[-1], factors=[None, lanes])
+        else:
+            vec = loops[-1]
+            outer_loop = None
+        outer = list(loops[:-1]) + ([outer_loop] if outer_loop is not None else [])
+    if outer and parallel:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+    if vec is not None:
+        sch.vectorize(vec)
+
+
+class Contraction(CPUScheduleRule):
+    """Conv/matmul/pooling: one reduction block whose output's innermost axis can be vectorized."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(get_root_block(sch))
+        infos = [get_sblock_info(sch, b) for b in blocks]
+        reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
+        if len(reductions) != 1:
+            return None
+        r = reductions[0]
+        red = blocks[r]
+        if not _simple_loop_nest(sch, red):
+            return None
+        kinds = infos[r].dom_kind()
+        n_spatial = len(kinds) - len(kinds.lstrip("S"))
+        if n_spatial == 0 or "S" in kinds[n_spatial:]:
+            return None
+        stmt = sch.get(red)
+        if len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) not in ("float32", "float16", "float64"):
+            return None
+        out_region = stmt.writes[0].region
+        if not out_region[-1].min.same_as(stmt.iter_vars[n_spatial - 1].var):
+            return None  # the innermost output axis is not the last spatial iter: no contiguous vector axis
+        dtype_bits = tvm.runtime.DataType(str(stmt.writes[0].source.dtype)).bits
+        lanes = vector_lanes(target, dtype_bits)
+        loops = sch.get_loops(red)
+        n_ext = _extent(sch, loops[n_spatial - 1])
+        if n_ext is None or n_ext < 4:
+            return None
+
+        # Prologue: inline what is injective, except padding (kept as its own pass over the input, so
+        # the inner loops do not test bounds).
+        pads = []
+        for b in reversed(blocks[:r]):
+            if _is_pad(sch, b):
+                pads.append(b)
+                continue
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - TVM's schedule errors are plain TVMError
+                pads.append(b)
+        # Epilogue: fold the chain of elementwise blocks into its last block.
+        epilogue = list(blocks[r + 1:])
+        for b in epilogue[:-1]:
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001
+                return None
+        epilogue = epilogue[-1:]
+
+        spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+        work = _work(sch, red)
+        m_ext = _extent(sch, spatial[-2]) if n_spatial >= 2 else 1
+        tile = choose_tile(m_ext or 1, n_ext, lanes, vector_registers(target))
+        vec = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if v >= 1 and tile.cols % v == 0)
+        col_o, col_v, col_i = sch.split(spatial[-1], factors=[None, tile.cols // vec, vec])
+        if n_spatial >= 2:
+            row_o, row_i = sch.split(spatial[-2], factors=[None, tile.rows])
+            outer = list(spatial[:-2]) + [row_o, col_o]
+            if _weights_dominate(stmt, n_spatial):
+                outer = [col_o] + outer[:-1]  # keep one column block's weights in cache across all rows
+            sch.reorder(*outer, *reduce, row_i, col_v, col_i)
+        else:
+            row_i = None
+            outer = [col_o]
+            sch.reorder(col_o, *reduce, col_v, col_i)
+
+        # Accumulate in a local tile; the epilogue reads the tile and writes the function's output.
+        write_back = sch.cache_write(red, 0, "local")
+        if epilogue:
+            try:
+                sch.reverse_compute_inline(epilogue[0])
+            except Exception:  # noqa: BLE001
+                sch.reverse_compute_at(epilogue[0], outer[-1])
+                _vectorize_tail(sch, epilogue[0], lanes)
+        sch.reverse_compute_at(write_back, outer[-1])
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if work >= MIN_PARALLEL_WORK:
+            sch.parallel(fused)
+
+        # Vectorize while the block is still a complete reduction (the update alone no longer passes the
+        # dataflow check), then split off the initialisation; its loops inherit the annotations.
+        # One vector register per innermost loop: wider vector types make LLVM shuffle lane by lane.
+        if row_i is not None:
+            sch.unroll(row_i)
+        sch.unroll(col_v)
+        sch.vectorize(col_i)
+        if reduce:
+            sch.decompose_reduction(red, reduce[0])
+        _vectorize_tail(sch, write_back, lanes)
+        for p in pads:
+            _schedule_spatial(sch, p, lanes)
+        return sch
+
+
+def _buffer_bytes(buf: tirx.Buffer) -> int:
+    n = tvm.runtime.DataType(str(buf.dtype)).bits // 8
+    for d in buf.shape:
+        n *= int(d) if isinstance(d, tirx.IntImm) else 1
+    return n
+
+
+def _weights_dominate(stmt: s_tir.SBlock, n_spatial: int) -> bool:
+    """Whether the operand indexed by the column axis only (the weights) outweighs the row operands."""
+    iters = [iv.var for iv in stmt.iter_vars]
+    col_var, row_vars = iters[n_spatial - 1], set(iters[: n_spatial - 1])
+
+    def uses(region, variables) -> bool:
+        return any(_mentions(r.min, variables) for r in region)
+
+    weights = inputs = 0
+    for read in stmt.reads:
+        region = read.region
+        if uses(region, row_vars):
+            inputs += _buffer_bytes(read.source)
+        elif uses(region, {col_var}):
+            weights += _buffer_bytes(read.source)
+    return weights > inputs
+
+
+def _mentions(expr: tirx.Expr, variables: set) -> bool:
+    used = tirx.analysis.undefined_vars(expr)
+    return any(u.same_as(v) for u in used for v in variables)
+
+
+def _vectorize_tail(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Vectorize a tile-local block by whole vector registers and unroll the loops above, within the tile."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    ext = _extent(sch, loops[-1]) or lanes
+    if ext > lanes and ext % lanes == 0:
+        outer, inner = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(inner)
+        sch.unroll(outer)
+    else:
+        sch.vectorize(loops[-1])
+    loops = sch.get_loops(block)
+    if len(loops) >= 3 and (_extent(sch, loops[-3]) or 99) <= 16:
+        sch.unroll(loops[-3])
+
+
+class Elementwise(CPUScheduleRule):
+    """Fallback: inline injective chains, then parallelize and vectorize every remaining block."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(get_root_block(sch))
+        for b in blocks[:-1]:
+            info = get_sblock_info(sch, b)
+            if info.is_injective() and not _is_pad(sch, b):
+                try:
+                    sch.compute_inline(b)
+                except Exception:  # noqa: BLE001
+                    pass
+        lanes = vector_lanes(target)
+        for b in sch.get_child_blocks(get_root_block(sch)):
+            info = get_sblock_info(sch, b)
+            loops = sch.get_loops(b)
+            if not loops:
+                continue
+            if info.is_injective():
+                _schedule_spatial(sch, b, lanes)
+            else:
+                kinds = info.dom_kind()
+                n_lead = len(kinds) - len(kinds.lstrip("S"))
+                if n_lead and len(loops) == len(kinds) and _work(sch, b) >= MIN_PARALLEL_WORK:
+                    lead = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
+                    sch.parallel(lead)
+        return sch
+
+
+def schedule_passes(target: Target) -> list[tvm.transform.Pass]:
+    return [dlight.ApplyDefaultSchedule(Contraction(), dlight.cpu.Reduction(), Elementwise())]

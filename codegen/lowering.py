@@ -10,16 +10,19 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from . import cpu_schedule
+from . import cpu_schedule, layout, tuning
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None = None) -> tvm.transform.Pass:
+    """`tune` MetaSchedule trials (0: only reuse records already in `tune_db`, or the default database)."""
     @tvm.transform.module_pass(opt_level=0, name="sparsecc_cpu_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
+                layout.layout_passes(target)
+                + cpu_generic.library_dispatch_passes(target)
                 + cpu_generic.legalize_passes(target)
+                + tuning.tuning_passes(target, tune, tune_db)
                 + cpu_schedule.schedule_passes(target)
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
@@ -29,8 +32,9 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def compile_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
-    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,
+                   tune_db: str | None = None) -> tvm.runtime.Executable:
+    return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, tune, tune_db))
 
 
 __all__ = ["compile_module", "relax_pipeline", "relax"]

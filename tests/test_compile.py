@@ -106,3 +106,23 @@ def test_unknown_target_lists_known(tmp_path, conv_path):
 def test_unknown_option_is_refused(tmp_path, conv_path):
     with pytest.raises(sparsecc.BadInput, match="unknown compile option"):
         sparsecc.compile(conv_path, output=tmp_path / "a", prune_everything=True)
+
+
+def test_model_our_schedules_cannot_build_falls_back_to_tvm_default(tmp_path):
+    """NonMaxSuppression trips the scheduled pipeline; the stock TVM pipeline still builds it correctly."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = [numpy_helper.from_array(np.array([10], np.int64), "max_out"),
+              numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+              numpy_helper.from_array(np.array([0.0], np.float32), "score")]
+    graph = helper.make_graph(
+        [helper.make_node("NonMaxSuppression", ["boxes", "scores", "max_out", "iou", "score"], ["selected"])], "nms",
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 50, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 50])],
+        [helper.make_tensor_value_info("selected", TensorProto.INT64, None)], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    art = sparsecc.compile(model, output=tmp_path / "a")
+    assert art.verification["status"] == "passed"
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["codegen"]["schedules"] in ("sparsecc", "tvm-default")

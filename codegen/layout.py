@@ -1,0 +1,80 @@
+"""Relax-level layout rewrite for CPU targets, run once before legalization.
+
+Convolutions are switched to NHWC activations with HWIO weights: the output channels become the innermost,
+contiguous axis that the CPU schedules vectorize, and pooling, concatenation and elementwise ops follow the
+layout through Relax's layout inference. Transposes remain only at the graph's boundaries (and around ops
+that cannot follow); weight transposes are folded into the constants at compile time.
+
+The ONNX frontend emits Clip as opaque `call_tir`s of TOPI maximum/minimum, which layout inference cannot
+see through (every ReLU6 would cost two transposes); `ClipToRelaxOps` turns them back into Relax ops first.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+
+def _scalar_binary_op(func: tirx.PrimFunc) -> str | None:
+    """'maximum' / 'minimum' if `func` computes max/min(x, scalar) elementwise in one block, else None."""
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - not a schedulable function
+        return None
+    if len(blocks) != 1:
+        return None
+    body = sch.get(blocks[0]).body
+    if not isinstance(body, tirx.BufferStore):
+        return None
+    if isinstance(body.value, tirx.Max):
+        return "maximum"
+    if isinstance(body.value, tirx.Min):
+        return "minimum"
+    return None
+
+
+@mutator
+class _ClipRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod = mod
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.call_tir") or not isinstance(call.args[0], relax.GlobalVar):
+            return call
+        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else None
+        if args is None or len(args) != 2:
+            return call
+        x, bound = args
+        if not isinstance(bound, tvm.ir.Constant) or len(bound.value.shape) != 0:
+            return call
+        func = self.mod[call.args[0]]
+        kind = _scalar_binary_op(func) if isinstance(func, tirx.PrimFunc) else None
+        if kind is None or tuple(x.ty.shape) != tuple(call.ty.shape) or x.ty.dtype != bound.value.dtype:
+            return call
+        return (relax.op.maximum if kind == "maximum" else relax.op.minimum)(x, bound)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ClipToRelaxOps")
+def clip_to_relax_ops(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    rewriter = _ClipRewriter(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    return [
+        relax.transform.FoldConstant(),  # Clip bounds arrive as where(isnan(c), inf, c)
+        clip_to_relax_ops,
+        relax.transform.DecomposeOpsForInference(),  # batch_norm -> scale/shift, foldable into epilogues
+        relax.transform.ConvertLayout(CONV_LAYOUTS),
+        relax.transform.FoldConstant(),
+        relax.transform.CanonicalizeBindings(),
+    ]

@@ -1,0 +1,140 @@
+"""MetaSchedule tuning of the fused TIR functions, with a persistent per-target JSON database.
+
+Runs between legalization+fusion and the default CPU schedules: `tuning_passes(target, trials, db_dir)`
+tunes the functions the database has no record for (when `trials > 0`), then applies every record it has,
+marking those functions scheduled so the default rules leave them alone. A second compile of the same model
+finds all its functions in the database and tunes nothing.
+
+Candidates are built in this process (`InProcessBuilder`): MetaSchedule's `LocalBuilder` starts a worker
+pool per batch whose build function imports `tvm.s_tir.tensor_intrin` (~46 s here), which makes tuning crawl.
+Records are keyed by the structural hash of each PrimFunc as fusion emits it (attributes included), so the
+functions are tuned and looked up in exactly the same form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+TUNING_LOG = "tuning_log.txt"
+
+
+def default_db_dir(target: tvm.target.Target) -> Path:
+    """`~/.cache/sparsecc/tuning/<target hash>` (or `$SPARSECC_TUNING_DIR/<target hash>`)."""
+    base = os.environ.get("SPARSECC_TUNING_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    key = hashlib.sha256(json.dumps(str(target), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(base) / ("" if os.environ.get("SPARSECC_TUNING_DIR") else "sparsecc/tuning") / key
+
+
+def database_exists(db_dir: str | Path) -> bool:
+    return (Path(db_dir) / "database_tuning_record.json").is_file()
+
+
+def open_database(db_dir: str | Path) -> ms.database.JSONDatabase:
+    Path(db_dir).mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(Path(db_dir) / "database_workload.json"),
+        path_tuning_record=str(Path(db_dir) / "database_tuning_record.json"),
+        module_equality="structural",
+    )
+
+
+@derived_object
+class InProcessBuilder(ms.builder.PyBuilder):
+    """Builds candidates in this process (see the module docstring for why not `LocalBuilder`)."""
+
+    def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
+        results = []
+        for bi in build_inputs:
+            try:
+                mod = tvm.s_tir.transform.RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
+                ex = tvm.compile(mod, target=bi.target)
+                # One directory per candidate: MetaSchedule removes it once the candidate has run.
+                path = os.path.join(tempfile.mkdtemp(prefix="sparsecc-ms-"), "candidate.tar")
+                ex.export_library(path, fcompile=tvm.support.tar.tar)
+                results.append(ms.builder.BuilderResult(path, None))
+            except Exception as e:  # noqa: BLE001 - a failed candidate is reported, not raised
+                results.append(ms.builder.BuilderResult(None, f"{type(e).__name__}: {e}"[:2000]))
+        return results
+
+
+def _tasks(mod: tvm.IRModule) -> dict[str, tvm.IRModule]:
+    """The unscheduled PrimFuncs, each as the one-function module MetaSchedule tunes and looks up."""
+    tasks: dict[str, tvm.IRModule] = {}
+    seen: set[int] = set()
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        task = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        h = tvm_ffi.structural_hash(task)
+        if h not in seen:
+            seen.add(h)
+            tasks[gv.name_hint] = task
+    return tasks
+
+
+def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_dir: str | Path) -> int:
+    """Tune the functions of `mod` missing from the database with `trials` trials in all; returns tasks tuned."""
+    db = open_database(db_dir)
+    todo = {name: task for name, task in _tasks(mod).items() if not db.has_workload(task)}
+    if not todo or trials <= 0:
+        return 0
+    names = list(todo)
+    contexts = [
+        ms.TuneContext(mod=todo[n], target=target, space_generator="post-order-apply",
+                       search_strategy="evolutionary", task_name=n, num_threads="physical").clone()
+        for n in names
+    ]
+    try:
+        import xgboost  # noqa: F401
+
+        cost_model = "xgb"
+    except ImportError:
+        cost_model = "random"
+    per_iter = max(1, min(64, trials // max(1, len(names)) or 1))
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=[1.0] * len(contexts),
+        work_dir=str(db_dir),
+        max_trials_global=max(trials, len(names)),
+        num_trials_per_iter=per_iter,
+        builder=InProcessBuilder(),
+        runner=ms.runner.LocalRunner(),
+        database=db,
+        cost_model=cost_model,
+    )
+    return len(names)
+
+
+def apply_database(db_dir: str | Path) -> tvm.transform.Pass:
+    """Replace every function the database has a record for by its best schedule (marked scheduled)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SparseccApplyTuningDatabase")
+    def _apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with open_database(db_dir):
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+    return _apply
+
+
+def tuning_passes(target: tvm.target.Target, trials: int, db_dir: str | Path | None) -> list[tvm.transform.Pass]:
+    """Passes to run on the fused module before the default schedules; empty when there is nothing to do."""
+    path = Path(db_dir) if db_dir else default_db_dir(target)
+    if trials <= 0 and not database_exists(path):
+        return []
+
+    @tvm.transform.module_pass(opt_level=0, name="SparseccMetaScheduleTune")
+    def _tune(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        tune(mod, target, trials, path)
+        return mod
+
+    return ([_tune] if trials > 0 else []) + [apply_database(path)]
