@@ -17,6 +17,7 @@ from sparsecc.pipeline import BuildResult, PassContext
 
 from .frontend import to_relax
 from .lowering import compile_module
+from .sparse import layer_names, rewrite_sparse
 from .targets import TargetSpec
 
 
@@ -30,6 +31,11 @@ class LLVMBackend:
             mod = to_relax(model)
         target = self.spec.target()
         report: dict[str, Any] = {"schedules": "sparsecc"}
+        with ctx.stage("sparse rewrite (cost model)", kind="codegen"):
+            mod, decisions = rewrite_sparse(mod, target, {"layer_names": layer_names(model.proto),
+                                                          "threads": self.options.get("threads")})
+        if decisions:
+            report["sparse_layers"] = decisions
         with ctx.stage(f"build ({self.spec.name})", kind="codegen"):
             try:
                 ex = compile_module(mod, target, tune=int(self.options.get("tune") or 0),

@@ -126,3 +126,17 @@ def test_model_our_schedules_cannot_build_falls_back_to_tvm_default(tmp_path):
     assert art.verification["status"] == "passed"
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["codegen"]["schedules"] in ("sparsecc", "tvm-default")
+
+
+def test_compile_with_block_sparsity_uses_sparse_kernels_and_matches_ort(tmp_path):
+    from sparsecc.models import build_mlp
+
+    art = sparsecc.compile(build_mlp(in_features=256, hidden=(512,), seed=2), output=tmp_path / "a", batch=4,
+                           sparsity=0.9, pattern="block:4x4")
+    assert art.verification["status"] == "passed"
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    layers = report["codegen"]["sparse_layers"]
+    assert layers and all(d["chosen"] in ("sparse", "dense") for d in layers)
+    weights = onnx.load(tmp_path / "a" / "model.onnx").graph.initializer
+    big = [onnx.numpy_helper.to_array(t) for t in weights if t.dims and np.prod(t.dims) >= 256 * 512]
+    assert big and all(np.mean(w == 0) >= 0.89 for w in big)
