@@ -57,6 +57,9 @@ class TvmVmExecutor:
 
         threads = manifest.runtime.get("threads")
         if threads:
+            # The pool's size is fixed from TVM_NUM_THREADS when it first starts (it defaulted to one worker
+            # here); config_threadpool alone cannot grow it afterwards.
+            os.environ.setdefault("TVM_NUM_THREADS", str(int(threads)))
             tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         lib = tvm.runtime.load_module(str(manifest.file(manifest.runtime["library"])))
         self._tvm = tvm
