@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from sparsecc.errors import BadInput, Unsupported
 from sparsecc.ir import Model, validate
 from sparsecc.pipeline import register_pass
+from sparsecc.verify import check_calibration
 
 from .grouping import ChannelGroup, GroupAnalysis, axis_ids, prepare_graph, trace_groups, varying_axes
 from .importance import CRITERIA, score_groups
@@ -233,28 +234,7 @@ class PrunePass:
         self.summary: dict = {}
 
     def _check_calib(self, model: Model) -> dict[str, np.ndarray] | None:
-        if self.calib is None:
-            return None
-        specs = {s.name: s for s in model.inputs}
-        if set(self.calib) != set(specs):
-            raise BadInput(
-                f"{model.source}: calibration data names {sorted(self.calib)} do not match the inputs {sorted(specs)}"
-            )
-        calib, n = {}, None
-        for name, arr in self.calib.items():
-            arr = np.asarray(arr)
-            want = specs[name].shape
-            if arr.ndim != len(want) or tuple(arr.shape[1:]) != tuple(want[1:]):
-                raise BadInput(
-                    f"{model.source}: calibration '{name}' has shape {arr.shape}, expected (N, {', '.join(map(str, want[1:]))})"
-                )
-            if n is not None and arr.shape[0] != n:
-                raise BadInput(f"{model.source}: calibration arrays have different sample counts")
-            n = arr.shape[0]
-            calib[name] = arr.astype(specs[name].dtype)
-        if not n:
-            raise BadInput(f"{model.source}: calibration data is empty")
-        return calib
+        return None if self.calib is None else check_calibration(self.calib, model.inputs, model.source)
 
     def __call__(self, model: Model, ctx=None) -> Model:
         calib = self._check_calib(model)

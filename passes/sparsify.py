@@ -26,6 +26,7 @@ from onnx import numpy_helper
 from sparsecc.errors import BadInput
 from sparsecc.ir import Model
 from sparsecc.pipeline import PassContext, register_pass
+from sparsecc.verify import check_calibration, load_npz
 
 from .sparsity_patterns import BlockPattern, NMPattern, Pattern, Unstructured, parse_pattern
 
@@ -116,21 +117,13 @@ def _layer_inputs(model: Model, views: list[WeightView], calib: dict[str, np.nda
             elem = vi.type.tensor_type.elem_type if vi is not None else onnx.TensorProto.FLOAT
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    calib = check_calibration(calib, model.inputs, model.source)
     specs = {s.name: s for s in model.inputs}
-    missing = sorted(set(specs) - set(calib))
-    if missing:
-        raise BadInput(f"calibration data lacks input(s) {missing}; it has {sorted(calib)}")
     total = min(int(np.asarray(calib[n]).shape[0]) for n in specs)
     step = specs[next(iter(specs))].shape[0] if specs[next(iter(specs))].shape[0] > 0 else total
     out: dict[str, list] = {n: [] for n in wanted}
     for start in range(0, total - step + 1, step):
-        feeds = {}
-        for n, spec in specs.items():
-            a = np.asarray(calib[n])[start:start + step]
-            if len(a.shape) != len(spec.shape) or any(d > 0 and d != e for d, e in zip(spec.shape[1:], a.shape[1:])):
-                raise BadInput(f"calibration input '{n}' has sample shape {list(a.shape[1:])}, "
-                               f"the model expects {list(spec.shape[1:])}")
-            feeds[n] = a.astype(spec.dtype)
+        feeds = {n: a[start:start + step] for n, a in calib.items()}
         results = sess.run(wanted, feeds)
         for n, r in zip(wanted, results):
             out[n].append(np.asarray(r, dtype=np.float64))
@@ -223,14 +216,6 @@ def sparsegpt(w2: np.ndarray, h: np.ndarray, pattern: Pattern, sparsity: float, 
     return w
 
 
-def _load_calib(path: str | Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(str(path), allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise BadInput(f"--calib {path}: cannot read calibration data ({' '.join(str(e).split())[:200]})") from None
-
-
 # ----------------------------------------------------------------------------------------------- pass
 
 class SparsifyPass:
@@ -253,7 +238,7 @@ class SparsifyPass:
             raise BadInput(f"--scope '{scope}': expected one of {', '.join(SCOPES)}")
         self.scope = scope
         if isinstance(calib, (str, Path)):
-            calib = _load_calib(calib)
+            calib = load_npz(str(calib))
         self.calib = calib
         self.ignore = tuple(ignore or ())
         self.min_params = int(min_params)

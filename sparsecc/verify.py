@@ -49,24 +49,32 @@ def load_npz(path: str, specs: list[TensorSpec] | None = None) -> dict[str, np.n
     return feeds
 
 
-def load_calibration(path: str, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Read calibration samples: keys = input names, shapes = input shapes except the leading (sample) dim."""
-    feeds = load_npz(path)
+def check_calibration(feeds: dict[str, np.ndarray], specs: list[TensorSpec], source: str) -> dict[str, np.ndarray]:
+    """Validate calibration samples (keys = input names, shapes = input shapes but the leading sample dim) and
+    cast them to the inputs' dtypes. Every pass that takes calibration data checks it here."""
     names = [s.name for s in specs]
     if set(feeds) != set(names):
-        raise BadInput(f"{path}: calibration keys {sorted(feeds)} do not match the model inputs {names}")
-    counts = set()
+        missing = sorted(set(names) - set(feeds))
+        raise BadInput(f"{source}: calibration names {sorted(feeds)} do not match the model inputs {names}"
+                       + (f" (lacks input(s) {missing})" if missing else ""))
+    result, counts = {}, set()
     for s in specs:
-        a = feeds[s.name]
+        a = np.asarray(feeds[s.name])
         if a.ndim != len(s.shape) or tuple(a.shape[1:]) != tuple(s.shape[1:]) or len(a) == 0:
-            raise BadInput(f"{path}: '{s.name}' has shape {list(a.shape)}, expected [N, {', '.join(map(str, s.shape[1:]))}]")
+            raise BadInput(f"{source}: calibration input '{s.name}' has sample shape {list(a.shape[1:])} "
+                           f"({len(a) if a.ndim else 0} samples), expected [N, {', '.join(map(str, s.shape[1:]))}]")
         if np.dtype(s.dtype).kind == "f" and a.dtype.kind != "f":
-            raise BadInput(f"{path}: '{s.name}' has dtype {a.dtype}, expected {s.dtype}")
-        feeds[s.name] = a.astype(s.dtype)
+            raise BadInput(f"{source}: calibration input '{s.name}' has dtype {a.dtype}, expected {s.dtype}")
+        result[s.name] = a.astype(s.dtype)
         counts.add(len(a))
     if len(counts) > 1:
-        raise BadInput(f"{path}: inputs have different sample counts {sorted(counts)}")
-    return feeds
+        raise BadInput(f"{source}: calibration inputs have different sample counts {sorted(counts)}")
+    return result
+
+
+def load_calibration(path: str, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Read calibration samples from an .npz and check them against the model's inputs."""
+    return check_calibration(load_npz(path), specs, path)
 
 
 def run_onnxruntime(model: Model, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
