@@ -240,26 +240,23 @@ def verify_cmd(
 ) -> None:
     """Re-run an artifact against ONNX Runtime on its bundled model."""
     from .artifact import MODEL_FILE
-    from .errors import VerifyFailed
     from .ir import load_model
     from .runtime import load
-    from .verify import compare, load_npz, random_inputs, run_onnxruntime
+    from .verify import load_npz, random_inputs, require_passed, verify_against_ort
 
     runner = load(artifact)
     tol = tolerance if tolerance is not None else runner.manifest.verification.get("tolerance", 1e-4)
     feeds = load_npz(str(inputs), runner.inputs) if inputs else random_inputs(runner.inputs, seed)
-    ref = run_onnxruntime(load_model(artifact / MODEL_FILE), feeds)
-    errors = compare([s.name for s in runner.outputs], runner.run(feeds), ref)
-    worst = max(errors, key=lambda e: e.rel)
-    ok = worst.rel <= tol
+    origin = str(inputs) if inputs else f"random(seed={seed})"
+    result = verify_against_ort(load_model(artifact / MODEL_FILE), runner.run, feeds, tol, origin)
+    ok = result["status"] == "passed"
     if as_json:
-        _emit({"status": "passed" if ok else "failed", "tolerance": tol, "outputs": [e.to_json() for e in errors]})
+        _emit(result)
     else:
-        for e in errors:
-            out.print(f"{e.name}: max abs error {e.max_abs:.3e}, relative {e.rel:.3e}")
+        for e in result["outputs"]:
+            out.print(f"{e['name']}: max abs error {e['max_abs_error']:.3e}, relative {e['rel_error']:.3e}")
         out.print(f"[{'green' if ok else 'red'}]{'passed' if ok else 'FAILED'}[/] (tolerance {tol:g})")
-    if not ok:
-        raise VerifyFailed(f"{artifact}: output '{worst.name}' relative error {worst.rel:.3g} > {tol:g}")
+    require_passed(result, str(artifact))
 
 
 @app.command("inspect")

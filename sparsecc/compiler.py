@@ -29,12 +29,19 @@ from .artifact import (
     sha256_file,
     write_json,
 )
-from .errors import BadInput, VerifyFailed
+from .errors import BadInput
 from .ir import Model, fix_input_shapes, load_model, parse_shape_option
 from .pipeline import PassContext, PassManager, make_backend, make_pass
 from .runtime import Runner
 from .stats import model_summary, node_stats
-from .verify import DEFAULT_TOLERANCE, compare, load_calibration, load_npz, random_inputs, run_onnxruntime
+from .verify import (
+    DEFAULT_TOLERANCE,
+    load_calibration,
+    load_npz,
+    random_inputs,
+    require_passed,
+    verify_against_ort,
+)
 
 
 @functools.cache
@@ -130,24 +137,8 @@ def _verify(model: Model, runner: Runner, opts: CompileOptions) -> dict[str, Any
     else:
         feeds = random_inputs(model.inputs, opts.seed)
         origin = f"random(seed={opts.seed})"
-    ref = run_onnxruntime(model, feeds)
-    ours = runner.run(feeds)
-    errors = compare([s.name for s in model.outputs], ours, ref)
-    worst = max(errors, key=lambda e: e.rel)
-    result = {
-        "status": "passed" if worst.rel <= opts.tolerance else "failed",
-        "reference": f"onnxruntime {onnxruntime.__version__}",
-        "inputs": origin,
-        "tolerance": opts.tolerance,
-        "max_rel_error": worst.rel,
-        "max_abs_error": max(e.max_abs for e in errors),
-        "outputs": [e.to_json() for e in errors],
-    }
-    if result["status"] == "failed":
-        raise VerifyFailed(
-            f"{model.source}: output '{worst.name}' differs from ONNX Runtime: relative error {worst.rel:.3g} "
-            f"> tolerance {opts.tolerance:g} (max abs {worst.max_abs:.3g})"
-        )
+    result = verify_against_ort(model, runner.run, feeds, opts.tolerance, origin)
+    require_passed(result, model.source)
     return result
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .errors import BadInput, one_line
+from .errors import BadInput, VerifyFailed, one_line
 from .ir import Model, TensorSpec
 
 DEFAULT_TOLERANCE = 1e-4
@@ -116,3 +116,30 @@ def compare(names: list[str], ours: list[np.ndarray], ref: list[np.ndarray]) -> 
             max_abs = float("inf")
         errors.append(OutputError(name, max_abs, max_abs / scale if scale > 0 else max_abs))
     return errors
+
+
+def verify_against_ort(model: Model, run, feeds: dict[str, np.ndarray], tolerance: float, origin: str) -> dict:
+    """Run `run(feeds)` (an artifact) and ONNX Runtime on `model`; the verification record of the manifest."""
+    ref = run_onnxruntime(model, feeds)
+    errors = compare([s.name for s in model.outputs], run(feeds), ref)
+    worst = max(errors, key=lambda e: e.rel)
+    return {
+        "status": "passed" if worst.rel <= tolerance else "failed",
+        "reference": f"onnxruntime {ort.__version__}",
+        "inputs": origin,
+        "tolerance": tolerance,
+        "max_rel_error": worst.rel,
+        "max_abs_error": max(e.max_abs for e in errors),
+        "outputs": [e.to_json() for e in errors],
+    }
+
+
+def require_passed(result: dict, source: str) -> None:
+    """Raise VerifyFailed naming the output that diverged most, if the verification failed."""
+    if result["status"] != "failed":
+        return
+    worst = max(result["outputs"], key=lambda e: e["rel_error"])
+    raise VerifyFailed(
+        f"{source}: output '{worst['name']}' differs from ONNX Runtime: relative error {worst['rel_error']:.3g} "
+        f"> tolerance {result['tolerance']:g} (max abs {worst['max_abs_error']:.3g})"
+    )

@@ -113,6 +113,11 @@ def test_verification_failure_exit_4(cli, tmp_path, conv_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_verify_command_failure_exit_4(cli, tmp_path, conv_path):
+    assert cli("compile", conv_path, "-o", tmp_path / "a").code == 0
+    _errors_cleanly(cli("verify", tmp_path / "a", "--tolerance", "0"), 4, "'y'", "ONNX Runtime")
+
+
 def test_tampered_artifact_run_exit_2(cli, tmp_path, conv_path):
     assert cli("compile", conv_path, "-o", tmp_path / "a").code == 0
     replace_file(tmp_path / "a" / "model.so", b"evil")
