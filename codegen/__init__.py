@@ -7,12 +7,14 @@ from typing import Any
 from sparsecc.pipeline import register_target
 
 from .build import LLVMBackend
-from .targets import cpu_target, raw_target
+from .targets import cpu_target, raw_target, refuse_options
 
 
 @register_target("cpu", "x86", "x86_64", "llvm", "host")
 def cpu_backend(options: dict[str, Any]) -> LLVMBackend:
-    return LLVMBackend(cpu_target(options.get("threads")), options)
+    refuse_options("cpu", options, ("arch", "dtype"))
+    return LLVMBackend(cpu_target(options.get("threads"), options.get("mcpu"), tuple(options.get("mattr") or ())),
+                       options)
 
 
 @register_target("raw")

@@ -32,11 +32,25 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
-def cpu_target(threads: int | None = None) -> TargetSpec:
+def refuse_options(target: str, options: dict[str, Any], names: tuple[str, ...]) -> None:
+    """One clear error for a target option this target does not take (e.g. `--arch` for cpu)."""
+    for name in names:
+        if options.get(name):
+            raise Unsupported(f"--{name} is not supported for target '{target}'")
+
+
+def cpu_target(threads: int | None = None, mcpu: str | None = None,
+               mattr: tuple[str, ...] = ()) -> TargetSpec:
     if platform.machine() not in ("x86_64", "AMD64"):
         raise Unsupported(f"target 'cpu' means host x86-64; this host is {platform.machine()}")
-    cpu = host_cpu()
+    cpu = mcpu or host_cpu()
     tgt: dict[str, Any] = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
+    if mattr:
+        tgt["mattr"] = list(mattr)
+    try:
+        tvm.target.Target(tgt)
+    except (ValueError, TypeError, tvm.error.TVMError) as e:
+        raise BadInput(f"--mcpu/--mattr: not valid for x86-64 ({' '.join(str(e).split())[:200]})") from None
     if threads:
         tgt["num-cores"] = int(threads)
     return TargetSpec("cpu", tgt, info={"host_cpu": cpu})

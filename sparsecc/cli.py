@@ -34,6 +34,10 @@ RoundToOpt = Annotated[int, typer.Option("--round-to", help="Keep channel counts
 GlobalOpt = Annotated[bool, typer.Option("--global", help="Rank groups globally instead of a uniform ratio.")]
 IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Node name to leave unpruned (repeatable).")]
 MaxLayerOpt = Annotated[float, typer.Option("--max-layer-ratio", help="Never prune more than this of one group.")]
+McpuOpt = Annotated[str | None, typer.Option("--mcpu", help="CPU to generate code for (e.g. cortex-a76, neoverse-n1).")]
+MattrOpt = Annotated[list[str] | None, typer.Option("--mattr", help="CPU feature, e.g. +neon, +dotprod (repeatable).")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="GPU architecture for cuda: sm_80 | sm_86 | sm_89 | sm_90.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 | float16 | bfloat16 (GPU targets).")]
 PatternOpt = Annotated[str, typer.Option("--pattern", help="unstructured | block:RxC (e.g. block:4x4) | N:M (e.g. 2:4)")]
 
 
@@ -41,6 +45,19 @@ def _prune_options(criterion: str, round_to: int, global_: bool, ignore: list[st
                    max_layer_ratio: float) -> dict[str, Any]:
     return {"criterion": criterion, "round_to": round_to, "global_ranking": global_,
             "ignore": tuple(ignore or ()), "max_layer_ratio": max_layer_ratio}
+
+
+def _target_options(mcpu: str | None, mattr: list[str] | None, arch: str | None, dtype: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if mcpu:
+        opts["mcpu"] = mcpu
+    if mattr:
+        opts["mattr"] = tuple(mattr)
+    if arch:
+        opts["arch"] = arch
+    if dtype != "float32":
+        opts["dtype"] = dtype
+    return opts
 
 
 def _version(value: bool) -> None:
@@ -63,7 +80,8 @@ def _emit(data: dict[str, Any]) -> None:
 
 def _verification_line(v: dict[str, Any]) -> str:
     if v.get("status") != "passed":
-        return f"verification: {v.get('status', 'none')}"
+        reason = f" ({v['reason']})" if v.get("reason") else ""
+        return f"verification: {v.get('status', 'none')}{reason}"
     return (f"verification: [green]passed[/] vs {v['reference']} — max relative error {v['max_rel_error']:.2e} "
             f"(tolerance {v['tolerance']:g})")
 
@@ -93,6 +111,10 @@ def compile_cmd(
     max_layer_ratio: MaxLayerOpt = 0.9,
     sparsity: Annotated[float | None, typer.Option("--sparsity", help="Zero this fraction of weights (0..1).")] = None,
     pattern: PatternOpt = "unstructured",
+    mcpu: McpuOpt = None,
+    mattr: MattrOpt = None,
+    arch: ArchOpt = None,
+    dtype: DtypeOpt = "float32",
     as_json: JsonOpt = False,
 ) -> None:
     """Compile MODEL for a target into a verified artifact directory."""
@@ -105,6 +127,7 @@ def compile_cmd(
         dump_dir=str(dump_dir) if dump_dir else None, force=force, quiet=quiet or as_json,
         prune=prune, prune_options=_prune_options(criterion, round_to, global_, ignore, max_layer_ratio),
         sparsity=sparsity, pattern=pattern, calib=str(calib) if calib else None,
+        target_options=_target_options(mcpu, mattr, arch, dtype),
     )
     m = artifact.manifest
     if as_json:
@@ -114,6 +137,24 @@ def compile_cmd(
     if not quiet:
         out.print(f"[bold]artifact[/] {artifact.path}  (target {m['target']['name']})")
         out.print(_verification_line(m["verification"]))
+
+
+@app.command("setup")
+def setup_cmd(
+    targets: Annotated[list[str] | None, typer.Argument(help="Targets to prepare (default: all that need tools).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only report what is missing; install nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Install or check the external tools a target needs (cross compilers, emulators, foreign runtimes)."""
+    from .pipeline import known_toolchains, setup_toolchain
+
+    results = [setup_toolchain(t, install=not check) for t in (targets or known_toolchains())]
+    if as_json:
+        _emit({"status": "ok", "toolchains": results})
+        return
+    for r in results:
+        tools = ", ".join(f"{k}: {v}" for k, v in r.get("tools", {}).items()) or "nothing external"
+        out.print(f"[green]✓[/] {r['target']}: {r['status']} ({tools})")
 
 
 def _write_npz(path: Path, names: list[str], values: list[np.ndarray]) -> None:

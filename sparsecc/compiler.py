@@ -82,6 +82,7 @@ class CompileOptions:
     threads: int | None = None
     tune: int = 0  # MetaSchedule trials; 0 = default schedules (and tuning records already in the database)
     tune_db: str | None = None
+    target_options: dict[str, Any] = field(default_factory=dict)  # mcpu, mattr, arch, dtype... (per target)
     dump_dir: str | None = None
     force: bool = False
     quiet: bool = True
@@ -162,7 +163,8 @@ def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: st
     check_output(out, opts.force)  # fail before the expensive work; checked again at the rename
     ctx = PassContext(options={"threads": threads}, quiet=opts.quiet,
                       dump_dir=Path(opts.dump_dir) if opts.dump_dir else None)
-    backend = make_backend(target, {"threads": threads, "tune": opts.tune, "tune_db": opts.tune_db})
+    backend = make_backend(target, {**opts.target_options, "threads": threads, "tune": opts.tune,
+                                    "tune_db": opts.tune_db})
 
     with ctx.stage("load"):
         m = load_model(model)
@@ -186,10 +188,12 @@ def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: st
             "source": str(model) if isinstance(model, (str, Path)) else "<ModelProto>",
             "options": {"shapes": {k: list(v) for k, v in opts.shapes.items()}, "batch": opts.batch,
                         "passes": [[n, _jsonable(o)] for n, o in requested], "threads": threads,
-                        "tune": opts.tune},
+                        "tune": opts.tune, "target_options": _jsonable(opts.target_options)},
         }
         manifest["files"] = {f: sha256_file(tmp / f) for f in sorted({MODEL_FILE, REPORT_FILE, *build.files})}
-        if opts.verify:
+        if opts.verify and build.cannot_run:
+            manifest["verification"] = {"status": "skipped", "reason": build.cannot_run}
+        elif opts.verify:
             with ctx.stage("verify vs ONNX Runtime"):
                 manifest["verification"] = _verify(m, Runner(Manifest(tmp, manifest)), opts)
         else:

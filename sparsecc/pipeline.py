@@ -40,6 +40,7 @@ class BuildResult:
     runtime: dict[str, Any]  # how a loader runs it: {"kind": ..., "library": ...}
     target: dict[str, Any]  # the resolved target, recorded in the manifest
     report: dict[str, Any] = field(default_factory=dict)  # per-layer kernel choices etc.
+    cannot_run: str | None = None  # why this machine cannot run the artifact (verification is then skipped)
 
 
 class Backend(Protocol):
@@ -82,6 +83,7 @@ _PASSES: dict[str, Callable[..., Pass]] = {}
 _TARGETS: dict[str, Callable[[dict[str, Any]], Backend]] = {}
 _TARGET_ALIASES: dict[str, str] = {}
 _ANALYSES: dict[str, Callable[..., Any]] = {}
+_TOOLCHAINS: dict[str, Callable[[bool], dict[str, Any]]] = {}
 _plugins_loaded = False
 
 
@@ -115,6 +117,31 @@ def register_analysis(name: str) -> Callable:
         return fn
 
     return deco
+
+
+def register_toolchain(target: str) -> Callable:
+    """Decorator: register `fn(install: bool) -> {"status": "ready", ...}` that checks (and, when `install`,
+    fetches) the external tools a target needs: cross compilers, emulators, foreign runtimes. It raises
+    `Unsupported` naming what is missing and how to get it."""
+
+    def deco(fn: Callable[[bool], dict[str, Any]]) -> Callable[[bool], dict[str, Any]]:
+        _TOOLCHAINS[target] = fn
+        return fn
+
+    return deco
+
+
+def known_toolchains() -> list[str]:
+    load_plugins()
+    return sorted(_TOOLCHAINS)
+
+
+def setup_toolchain(target: str, install: bool = False) -> dict[str, Any]:
+    """Check (or install) the tools for `target`; targets without external tools are always ready."""
+    name, _ = resolve_target(target)
+    if name not in _TOOLCHAINS:
+        return {"target": name, "status": "ready", "tools": {}}
+    return {"target": name, **_TOOLCHAINS[name](install)}
 
 
 def run_analysis(name: str, model: Model, **options: Any) -> Any:

@@ -72,3 +72,19 @@ def replace_file(path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".new")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def require_toolchain(target: str) -> dict:
+    """The target's external tools, or skip the test. Under CI (`CI` set) a missing tool is a failure:
+    `.ci/run` installs every toolchain with `sparsecc setup`, so a skip there would hide a broken setup."""
+    import os
+
+    from sparsecc.errors import Unsupported
+    from sparsecc.pipeline import setup_toolchain
+
+    try:
+        return setup_toolchain(target, install=False)
+    except Unsupported as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"toolchain for {target} missing under CI: {e}")
+        pytest.skip(f"toolchain for {target} not installed: {e}")
