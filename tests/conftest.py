@@ -88,3 +88,16 @@ def require_toolchain(target: str) -> dict:
         if os.environ.get("CI"):
             pytest.fail(f"toolchain for {target} missing under CI: {e}")
         pytest.skip(f"toolchain for {target} not installed: {e}")
+
+
+def require_executable(name: str) -> str:
+    """Path of an external program (e.g. chromium, node), or skip; under CI a missing one is a failure."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} missing under CI: .ci/run must install it")
+    pytest.skip(f"{name} not installed")
