@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     target = cpu_target(args.threads).target()
     cost.set_threads(args.threads)
-    options = {"threads": args.threads, "repeat": args.repeat, "measure_top": args.top, "min_sparsity": 0.0}
+    options = {"threads": args.threads, "repeat": args.repeat, "measure_top": args.top, "min_sparsity": 0.0,
+               "cache": False}  # measure now, never reuse an earlier run's decisions
     rows = []
     header = (f"{'layer':>9} {'pattern':>12} {'sp':>5} {'B':>3} | {'ORT us':>8} {'TVM dense':>9} {'sparse':>8} "
               f"{'kernel':>22} | {'x ORT':>6} {'x TVM':>6} | chosen")

@@ -9,14 +9,23 @@ Candidates are built in this process (`InProcessBuilder`): MetaSchedule's `Local
 pool per batch whose build function imports `tvm.s_tir.tensor_intrin` (~46 s here), which makes tuning crawl.
 Records are keyed by the structural hash of each PrimFunc as fusion emits it (attributes included), so the
 functions are tuned and looked up in exactly the same form.
+
+The database is shared by every compile for the target, possibly at once: each access holds a lock file in
+its directory (exclusive while tuning, since MetaSchedule numbers workloads by their line in the file), and a
+line that does not load (a truncated write, a foreign or hand-edited record) is dropped with a warning
+before TVM reads the files, because TVM's loader aborts on the first bad line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tvm
@@ -26,6 +35,8 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 TUNING_LOG = "tuning_log.txt"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
 
 
 def default_db_dir(target: tvm.target.Target) -> Path:
@@ -36,14 +47,82 @@ def default_db_dir(target: tvm.target.Target) -> Path:
 
 
 def database_exists(db_dir: str | Path) -> bool:
-    return (Path(db_dir) / "database_tuning_record.json").is_file()
+    return (Path(db_dir) / RECORDS).is_file()
+
+
+@contextmanager
+def locked(db_dir: str | Path) -> Iterator[Path]:
+    """Hold the database directory's lock (one reader or writer at a time across processes)."""
+    path = Path(db_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _load_workload(line: str) -> bool:
+    try:
+        ms.database.Workload.from_json(json.loads(line))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means TVM's loader would abort on this line
+        return False
+
+
+def _load_record(line: str, workloads: dict[int, ms.database.Workload]) -> int | None:
+    """The record's new workload index, or None when the line would not load."""
+    try:
+        index, record = json.loads(line)
+        ms.database.TuningRecord.from_json(record, workloads[index][1])
+        return workloads[index][0]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def repair_database(db_dir: str | Path) -> int:
+    """Drop every line TVM's loader would abort on (and records of dropped workloads); returns lines dropped.
+    Call with the lock held."""
+    path = Path(db_dir)
+    old_workloads = _lines(path / WORKLOADS)
+    kept: list[str] = []
+    workloads: dict[int, tuple[int, ms.database.Workload]] = {}
+    for i, line in enumerate(old_workloads):
+        if _load_workload(line):
+            workloads[i] = (len(kept), ms.database.Workload.from_json(json.loads(line)))
+            kept.append(line)
+    old_records = _lines(path / RECORDS)
+    records = []
+    for line in old_records:
+        index = _load_record(line, workloads)
+        if index is not None:
+            records.append(json.dumps([index, json.loads(line)[1]], separators=(",", ":")))
+    dropped = len(old_workloads) - len(kept) + len(old_records) - len(records)
+    if dropped:
+        for name, lines in ((WORKLOADS, kept), (RECORDS, records)):
+            tmp = path / f".{name}.tmp"
+            tmp.write_text("".join(line + "\n" for line in lines))
+            tmp.replace(path / name)
+        warnings.warn(f"tuning database {path}: skipped {dropped} corrupt or foreign line(s)", stacklevel=2)
+    return dropped
 
 
 def open_database(db_dir: str | Path) -> ms.database.JSONDatabase:
+    """Open (creating) the database; call with the lock held. Bad lines are dropped first."""
     Path(db_dir).mkdir(parents=True, exist_ok=True)
+    if database_exists(db_dir) or (Path(db_dir) / WORKLOADS).is_file():
+        repair_database(db_dir)
     return ms.database.JSONDatabase(
-        path_workload=str(Path(db_dir) / "database_workload.json"),
-        path_tuning_record=str(Path(db_dir) / "database_tuning_record.json"),
+        path_workload=str(Path(db_dir) / WORKLOADS),
+        path_tuning_record=str(Path(db_dir) / RECORDS),
         module_equality="structural",
     )
 
@@ -84,6 +163,11 @@ def _tasks(mod: tvm.IRModule) -> dict[str, tvm.IRModule]:
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_dir: str | Path) -> int:
     """Tune the functions of `mod` missing from the database with `trials` trials in all; returns tasks tuned."""
+    with locked(db_dir):
+        return _tune_locked(mod, target, trials, db_dir)
+
+
+def _tune_locked(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_dir: str | Path) -> int:
     db = open_database(db_dir)
     todo = {name: task for name, task in _tasks(mod).items() if not db.has_workload(task)}
     if not todo or trials <= 0:
@@ -120,7 +204,9 @@ def apply_database(db_dir: str | Path) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="SparseccApplyTuningDatabase")
     def _apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with open_database(db_dir):
+        with locked(db_dir):
+            db = open_database(db_dir)
+        with db:
             return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
     return _apply

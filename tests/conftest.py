@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+# Tuning records and measured sparse decisions go to a fresh directory per test run, never the user's cache:
+# tests must measure, and must not depend on what an earlier run left behind.
+os.environ["SPARSECC_TUNING_DIR"] = tempfile.mkdtemp(prefix="sparsecc-test-tuning-")
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:

@@ -10,14 +10,22 @@ schedules of `cpu_schedule.py` - and called through the Relax VM. Decisions use 
 (noise on a shared machine only adds time); sparse is kept only when it beats dense by `margin`, so sparsity
 never makes a layer slower. Dense and sparse candidates are timed in alternating rounds, so bursts of load
 from other processes hit them alike. Compiled one-layer modules are cached per process by layer structure.
+
+Measured decisions persist in the target's tuning directory (`sparse_decisions.jsonl`, keyed by target,
+layer, weight bytes and options): a second compile of the same model reuses them, so it is fast and writes
+the same artifact, bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +48,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "repeat": 9,  # interleaved rounds (dense and every candidate once per round)
     "force": None,  # tests: "sparse" takes the best sparse candidate whatever dense costs
     "threads": None,
+    "cache": True,  # reuse and record measured decisions in the tuning directory
+    "cache_dir": None,  # default: codegen.tuning.default_db_dir(target)
 }
+DECISIONS = "sparse_decisions.jsonl"
 
 
 @dataclass(frozen=True)
@@ -401,6 +412,18 @@ def decide(problem: LayerProblem, target: tvm.target.Target, options: dict[str, 
         decision.reason = "predicted"
         return decision
 
+    cache = DecisionCache.for_target(target, opts)
+    key = cache.key(problem, target, opts) if cache else ""
+    if cache and cache.restore(key, decision):
+        return decision
+    _measure(problem, target, opts, decision)
+    if cache and decision.best is not None and decision.dense is not None:
+        cache.store(key, decision)
+    return decision
+
+
+def _measure(problem: LayerProblem, target: tvm.target.Target, opts: dict[str, Any], decision: LayerDecision) -> None:
+    cands = decision.candidates
     set_threads(opts["threads"])
     dense_run = None
     try:
@@ -422,7 +445,7 @@ def decide(problem: LayerProblem, target: tvm.target.Target, options: dict[str, 
     timed = [c for c in cands if c.measured_us is not None]
     if not timed:
         decision.reason = decision.reason or "no sparse kernel built"
-        return decision
+        return
     best = min(timed, key=lambda c: c.measured_us)
     decision.best = best
     if opts["force"] == "sparse":
@@ -434,8 +457,105 @@ def decide(problem: LayerProblem, target: tvm.target.Target, options: dict[str, 
         decision.reason = f"{decision.dense_us / best.measured_us:.2f}x faster than dense"
     else:
         decision.reason = f"dense is faster ({decision.dense_us:.1f} us vs {best.measured_us:.1f} us)"
-    return decision
 
+
+class DecisionCache:
+    """Measured decisions, one JSON line each, in a file shared by concurrent compiles (appends under the
+    tuning directory's lock). Unreadable lines are skipped with a warning."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._stamp: tuple[int, int] | None = None  # (size, mtime) of the file as last read
+
+    @classmethod
+    def for_target(cls, target: tvm.target.Target, opts: dict[str, Any]) -> DecisionCache | None:
+        if not opts.get("cache") or opts.get("force"):
+            return None
+        from ..tuning import default_db_dir
+
+        path = Path(opts.get("cache_dir") or default_db_dir(target)) / DECISIONS
+        return _DECISION_CACHES.setdefault(path, cls(path))
+
+    @staticmethod
+    def key(problem: LayerProblem, target: tvm.target.Target, opts: dict[str, Any]) -> str:
+        from sparsecc import __version__
+
+        what = [__version__, str(target), repr(problem.key), list(problem.input_shape), problem.m,
+                [list(b) for b in opts["blocks"]], opts["margin"], opts["measure_top"], opts["threads"]]
+        h = hashlib.sha256(json.dumps(what).encode())
+        h.update(np.ascontiguousarray(problem.weight).tobytes())
+        return h.hexdigest()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        """The entries, re-read when the file changed (another compile may have appended)."""
+        stamp = self._file_stamp()
+        if stamp is not None and stamp != self._stamp:
+            from ..tuning import locked
+
+            with locked(self.path.parent):
+                lines = self.path.read_text(errors="replace").splitlines()
+                self._stamp = self._file_stamp()
+            bad = 0
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                    self._entries[str(entry["key"])] = dict(entry["decision"])
+                except (ValueError, KeyError, TypeError):
+                    bad += 1
+            if bad:
+                warnings.warn(f"{self.path}: skipped {bad} unreadable line(s)", stacklevel=3)
+        return self._entries
+
+    def restore(self, key: str, decision: LayerDecision) -> bool:
+        """Fill `decision` from the cache; False when absent or no longer matching today's candidates."""
+        entry = self._load().get(key)
+        if entry is None:
+            return False
+        try:
+            by_label = {c.spec.label: c for c in decision.candidates}
+            timings = {label: Timing(*t) for label, t in entry["tried"].items()}
+            if entry["best"] not in by_label or not set(timings) <= set(by_label):
+                return False
+            for label, timing in timings.items():
+                by_label[label].timing = timing
+            decision.dense = Timing(*entry["dense"]) if entry["dense"] else None
+            decision.best = by_label[entry["best"]]
+            decision.chosen, decision.reason = str(entry["chosen"]), str(entry["reason"])
+            return True
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def store(self, key: str, decision: LayerDecision) -> None:
+        from ..tuning import locked
+
+        entry = {
+            "chosen": decision.chosen, "reason": decision.reason, "best": decision.best.spec.label,
+            "dense": [decision.dense.min_us, decision.dense.median_us] if decision.dense else None,
+            "tried": {c.spec.label: [c.timing.min_us, c.timing.median_us] for c in decision.candidates
+                      if c.timing is not None},
+        }
+        line = json.dumps({"key": key, "decision": entry}, separators=(",", ":")) + "\n"
+        try:
+            self._load()
+            with locked(self.path.parent):
+                up_to_date = self._file_stamp() == self._stamp  # nobody appended since we read it
+                with open(self.path, "a") as f:
+                    f.write(line)
+                self._stamp = self._file_stamp() if up_to_date else None
+            self._entries[key] = entry
+        except OSError as e:  # a read-only cache only costs the next compile its measurements
+            warnings.warn(f"{self.path}: cannot record a sparse decision ({e})", stacklevel=3)
+
+
+_DECISION_CACHES: dict[Path, DecisionCache] = {}
 
 __all__ = ["BLOCK_SHAPES", "Candidate", "LayerDecision", "LayerProblem", "Timing", "candidates", "decide",
            "dense_module", "dense_runner", "matmul_problem", "predict", "sparse_call", "sparse_module",
