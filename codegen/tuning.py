@@ -146,6 +146,24 @@ class InProcessBuilder(ms.builder.PyBuilder):
         return results
 
 
+@derived_object
+class TuningProgress(ms.measure_callback.PyMeasureCallback):
+    """Trials done, of how many, and the best time so far, beside the build stage's spinner."""
+
+    def __init__(self, total: int, names: list[str]):
+        self.total, self.names, self.done, self.best = total, names, 0, float("inf")
+
+    def apply(self, _scheduler, task_id: int, candidates, _builder_results, runner_results) -> None:
+        from sparsecc.pipeline import report_progress
+
+        self.done += len(candidates)
+        for r in runner_results:
+            if r.run_secs:
+                self.best = min(self.best, float(sum(float(s) for s in r.run_secs) / len(r.run_secs)))
+        best = f", best {self.best * 1e6:.0f} us" if self.best < float("inf") else ""
+        report_progress(f"tuning {self.names[task_id]}: {min(self.done, self.total)}/{self.total} trials{best}")
+
+
 def _tasks(mod: tvm.IRModule) -> dict[str, tvm.IRModule]:
     """The unscheduled PrimFuncs, each as the one-function module MetaSchedule tunes and looks up."""
     tasks: dict[str, tvm.IRModule] = {}
@@ -195,6 +213,8 @@ def _tune_locked(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_d
         runner=ms.runner.LocalRunner(),
         database=db,
         cost_model=cost_model,
+        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                           TuningProgress(max(trials, len(names)), names)],
     )
     return len(names)
 

@@ -12,6 +12,7 @@ import importlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,8 +67,12 @@ class PassContext:
         if self.quiet:
             yield
         else:
-            with self.console.status(f"[bold]{name}[/]…", spinner="dots"):
-                yield
+            with self.console.status(f"[bold]{name}[/]…", spinner="dots") as status:
+                token = _STATUS.set(lambda text: status.update(f"[bold]{name}[/]… {text}"))
+                try:
+                    yield
+                finally:
+                    _STATUS.reset(token)
         seconds = time.perf_counter() - start
         self.timings.append({"name": name, "kind": kind, "seconds": round(seconds, 4)})
         if not self.quiet:
@@ -77,6 +82,16 @@ class PassContext:
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             model.save(self.dump_dir / f"{index:02d}_{name}.onnx")
+
+
+_STATUS: ContextVar[Callable[[str], None] | None] = ContextVar("sparsecc_stage_status", default=None)
+
+
+def report_progress(text: str) -> None:
+    """Show `text` beside the running stage's spinner (tuning trials, layers measured); a no-op when quiet."""
+    show = _STATUS.get()
+    if show is not None:
+        show(text)
 
 
 _PASSES: dict[str, Callable[..., Pass]] = {}

@@ -34,6 +34,8 @@ from onnx import numpy_helper
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from sparsecc.pipeline import report_progress
+
 from .cost import LayerDecision, LayerProblem, decide, sparse_call
 
 
@@ -193,6 +195,7 @@ class _SparseRewriter(PyExprMutator):
         if options.get("measure", True) and time.monotonic() - self.started > options.get("budget_s", 300):
             # Out of measuring time: decide from the model, and only on a clear predicted win.
             options = {**options, "measure": False, "margin": max(2.0, options.get("margin", 1.2))}
+        report_progress(f"layer {name} ({len(self.decisions) + 1} so far)")
         decision = decide(problem, self.target, options)
         self.decisions.append(decision)
         return decision

@@ -159,8 +159,10 @@ def test_choose_cols_uses_whole_vectors():
     assert tile.cols == 32 and 56 % tile.rows == 0 and tile.rows * 2 <= 24
 
 
-def test_tuning_database_is_reused(tmp_path):
+def test_tuning_database_is_reused(tmp_path, monkeypatch):
     """`--tune N` records go to the database; a second compile of the same model tunes nothing."""
+    shown: list[str] = []
+    monkeypatch.setattr("sparsecc.pipeline.report_progress", shown.append)
     inits = {"w": RNG.standard_normal((32, 48)) * 0.2}
     model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [4, 32], [4, 48], inits)
     target = _target()
@@ -168,6 +170,7 @@ def test_tuning_database_is_reused(tmp_path):
         fused = tvm.transform.Sequential(layout.layout_passes(target) + cpu_generic.legalize_passes(target))(
             from_onnx(model, keep_params_in_input=False))
     assert tuning.tune(fused, target, 8, tmp_path) >= 1
+    assert shown and "trials" in shown[-1]  # progress beside the build spinner
     assert tuning.database_exists(tmp_path)
     assert tuning.tune(fused, target, 8, tmp_path) == 0  # everything is in the database already
     with target:
