@@ -13,7 +13,7 @@ from other processes hit them alike. Compiled one-layer modules are cached per p
 
 Measured decisions persist in the target's tuning directory (`sparse_decisions.jsonl`, keyed by target,
 layer, weight bytes and options): a second compile of the same model reuses them, so it is fast and writes
-the same artifact, bit for bit.
+the same artifact, bit for bit. Timings taken on an overloaded machine are not recorded (`machine_busy`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "force": None,  # tests: "sparse" takes the best sparse candidate whatever dense costs
     "threads": None,
     "cache": True,  # reuse and record measured decisions in the tuning directory
+    "record_when_busy": False,  # also record decisions timed while the machine was overloaded
     "cache_dir": None,  # default: codegen.tuning.default_db_dir(target)
 }
 DECISIONS = "sparse_decisions.jsonl"
@@ -418,7 +419,8 @@ def decide(problem: LayerProblem, target: tvm.target.Target, options: dict[str, 
         return decision
     _measure(problem, target, opts, decision)
     if cache and decision.best is not None and decision.dense is not None:
-        cache.store(key, decision)
+        if opts["record_when_busy"] or not machine_busy():
+            cache.store(key, decision)
     return decision
 
 
@@ -457,6 +459,16 @@ def _measure(problem: LayerProblem, target: tvm.target.Target, opts: dict[str, A
         decision.reason = f"{decision.dense_us / best.measured_us:.2f}x faster than dense"
     else:
         decision.reason = f"dense is faster ({decision.dense_us:.1f} us vs {best.measured_us:.1f} us)"
+
+
+def machine_busy() -> bool:
+    """More runnable threads than 1.5x this process's cores: timings taken now say more about the other
+    processes than about the kernels (a parallel kernel waits for descheduled workers), so they are used for
+    this compile but not recorded for the next."""
+    try:
+        return os.getloadavg()[0] > 1.5 * len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return False
 
 
 class DecisionCache:

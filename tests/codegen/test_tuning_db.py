@@ -113,7 +113,8 @@ def test_cached_decision_is_reused_and_garbage_is_skipped(tmp_path):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((128, 128)) * (rng.random((128, 128)) < 0.1)).astype(np.float32)
     problem = cost.matmul_problem("fc", w, 1)
-    opts = {"cache_dir": str(tmp_path), "repeat": 2, "number": 2, "measure_top": 1, "threads": 1}
+    opts = {"cache_dir": str(tmp_path), "repeat": 2, "number": 2, "measure_top": 1, "threads": 1,
+            "record_when_busy": True}
     first = cost.decide(problem, target, opts)
     assert first.dense is not None and first.best.timing is not None
     with open(tmp_path / cost.DECISIONS, "a") as f:
@@ -123,3 +124,14 @@ def test_cached_decision_is_reused_and_garbage_is_skipped(tmp_path):
     assert again.record() == first.record()
     other = cost.decide(cost.matmul_problem("fc", w * 2, 1), target, {**opts, "cache": True})
     assert other.dense is not None  # a different weight is measured, not looked up
+
+
+def test_timings_from_an_overloaded_machine_are_not_recorded(tmp_path, monkeypatch):
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})
+    w = np.zeros((64, 128), np.float32)
+    w[::4, ::8] = 1.0
+    monkeypatch.setattr(cost, "machine_busy", lambda: True)
+    decision = cost.decide(cost.matmul_problem("fc", w, 1), target,
+                           {"cache_dir": str(tmp_path), "repeat": 1, "number": 1, "measure_top": 1, "threads": 1})
+    assert decision.dense is not None  # measured and used for this compile...
+    assert not (tmp_path / cost.DECISIONS).exists()  # ...but not kept for the next
