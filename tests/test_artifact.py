@@ -72,6 +72,30 @@ def test_manifest_path_escape_is_refused(tmp_path, conv_path):
         sparsecc.load(tmp_path / "a")
 
 
+def test_outputs_stay_valid_across_calls(tmp_path):
+    """Input buffers are reused between calls: an output that is a view of the input must not change."""
+    from onnx import TensorProto, helper
+
+    from conftest import make_model
+
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"]), helper.make_node("Relu", ["x"], ["z"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [3, 4])],
+    )
+    runner = sparsecc.compile(model, output=tmp_path / "a").load()
+    x = np.arange(12, dtype=np.float32).reshape(2, 6) - 6
+    first = runner.run({"x": x})
+    kept = [o.copy() for o in first]
+    second = runner.run({"x": -x})
+    for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(second[0], -x.reshape(3, 4))
+    np.testing.assert_array_equal(first[1], np.maximum(x, 0))
+
+
 def test_runner_checks_feeds(tmp_path, conv_path):
     runner = sparsecc.compile(conv_path, output=tmp_path / "a").load()
     x = np.zeros((1, 3, 16, 16), np.float32)
