@@ -1,8 +1,9 @@
-"""The `sparsecc` command line: compile, run, verify, inspect, demo.
+"""The `sparsecc` command line: compile, bench, prune, sparsify, run, verify, inspect, setup, demo.
 
 Every command reports errors as one line on stderr with the documented exit code (0 ok, 2 bad input or
 usage, 3 unsupported, 4 verification failed, 1 internal error); `--debug` adds the traceback. `--json`
-prints one machine-readable object on stdout for build pipelines.
+prints one machine-readable object on stdout for build pipelines; `compile` and `bench` also read a recipe
+(`--config`, or `./sparsecc.toml`; see `config.py`) whose values any flag overrides.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ MattrOpt = Annotated[list[str] | None, typer.Option("--mattr", help="CPU feature
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="GPU architecture for cuda: sm_80 | sm_86 | sm_89 | sm_90.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32 | float16 | bfloat16 (GPU targets).")]
 PatternOpt = Annotated[str, typer.Option("--pattern", help="unstructured | block:RxC (e.g. block:4x4) | N:M (e.g. 2:4)")]
+PruneOpt = Annotated[float | None, typer.Option("--prune", help="Remove this ratio of channels (0..1).")]
+SparsityOpt = Annotated[float | None, typer.Option("--sparsity", help="Zero this fraction of weights (0..1).")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Runtime threads (default: physical cores).", min=1)]
+TuneOpt = Annotated[int, typer.Option("--tune", help="MetaSchedule trials (0: default schedules).", min=0)]
+TuneDbOpt = Annotated[Path | None, typer.Option("--tune-db", help="Tuning database directory.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Recipe (TOML); default ./sparsecc.toml if present. "
+                                                "Command-line flags override it.")]
+NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore ./sparsecc.toml.")]
 
 
 def _prune_options(criterion: str, round_to: int, global_: bool, ignore: list[str] | None,
@@ -88,55 +97,173 @@ def _verification_line(v: dict[str, Any]) -> str:
 
 @app.command("compile")
 def compile_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.")],
-    target: Annotated[str, typer.Option("--target", "-t", help="cpu (host x86-64), or a TVM target as JSON.")] = "cpu",
+    target: Annotated[str, typer.Option("--target", "-t", help=(
+        "cpu (host x86-64), or a TVM target as JSON; several, comma-separated, give one artifact each "
+        "(-o OUT: OUT/<target>)."))] = "cpu",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact directory.")] = None,
     shape: ShapeOpt = None,
     batch: Annotated[int, typer.Option(help="Value for a dynamic leading batch dim.", min=1)] = 1,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the artifact against ONNX Runtime.")] = True,
     inputs: Annotated[Path | None, typer.Option("--inputs", help="Verification inputs (.npz keyed by input name).")] = None,
     tolerance: Annotated[float, typer.Option(help="Max relative error vs ONNX Runtime.")] = 1e-4,
-    threads: Annotated[int | None, typer.Option(help="Runtime threads (default: physical cores).", min=1)] = None,
-    tune: Annotated[int, typer.Option("--tune", help="MetaSchedule trials (0: default schedules).", min=0)] = 0,
-    tune_db: Annotated[Path | None, typer.Option("--tune-db", help="Tuning database directory.")] = None,
+    threads: ThreadsOpt = None,
+    tune: TuneOpt = 0,
+    tune_db: TuneDbOpt = None,
     dump_dir: Annotated[Path | None, typer.Option("--dump-dir", help="Write the ONNX model after every pass.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    prune: Annotated[float | None, typer.Option("--prune", help="Remove this ratio of channels (0..1).")] = None,
+    prune: PruneOpt = None,
     criterion: CriterionOpt = "l1",
     calib: CalibOpt = None,
     round_to: RoundToOpt = 1,
     global_: GlobalOpt = False,
     ignore: IgnoreOpt = None,
     max_layer_ratio: MaxLayerOpt = 0.9,
-    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Zero this fraction of weights (0..1).")] = None,
+    sparsity: SparsityOpt = None,
+    pattern: PatternOpt = "unstructured",
+    sweep: Annotated[bool, typer.Option("--sweep/--no-sweep", help="With --calib: report fidelity vs ratio "
+                                        "(re-runs each prune/sparsify pass at other ratios).")] = True,
+    mcpu: McpuOpt = None,
+    mattr: MattrOpt = None,
+    arch: ArchOpt = None,
+    dtype: DtypeOpt = "float32",
+    config: ConfigOpt = None,
+    no_config: NoConfigOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile MODEL for one or more targets into verified artifact directories."""
+    from .compiler import compile as compile_model
+    from .compiler import compile_targets, split_targets
+
+    p, recipe = _with_recipe(ctx, config, no_config)
+    if recipe and not (p["quiet"] or p["as_json"]):
+        err.print(f"recipe {recipe.path}", highlight=False)
+    kwargs = {**_recipe_options(p), "batch": p["batch"], "verify": p["verify"], "inputs": _str(p["inputs"]),
+              "tolerance": p["tolerance"], "dump_dir": _str(p["dump_dir"]), "force": p["force"],
+              "quiet": p["quiet"] or p["as_json"], "sweep": p["sweep"]}
+    targets = split_targets(p["target"])
+    if len(targets) == 1:
+        artifacts = [compile_model(str(model), target=targets[0], output=p["output"], **kwargs)]
+    else:
+        artifacts = compile_targets(str(model), targets, output=p["output"], **kwargs)
+    records = [_artifact_record(a) for a in artifacts]
+    if as_json:
+        extra = {"config": str(recipe.path) if recipe else None}
+        _emit({**records[0], **extra} if len(targets) == 1 else {"status": "ok", "artifacts": records, **extra})
+        return
+    if not p["quiet"]:
+        for a in artifacts:
+            out.print(f"[bold]artifact[/] {a.path}  (target {a.manifest['target']['name']})")
+            out.print(_verification_line(a.manifest["verification"]))
+            out.print(f"report: {_artifact_record(a)['report']}")
+
+
+def _artifact_record(artifact: Any) -> dict[str, Any]:
+    from .report import REPORT_HTML
+
+    m = artifact.manifest
+    return {"status": "ok", "artifact": str(artifact.path), "target": m["target"], "inputs": m["inputs"],
+            "outputs": m["outputs"], "verification": m["verification"], "timings": m["timings"],
+            "report": str(artifact.path / REPORT_HTML)}
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path else None
+
+
+def _recipe_options(p: dict[str, Any]) -> dict[str, Any]:
+    """Compile options shared by `compile` and `bench`, from (recipe-merged) command-line parameters."""
+    return {"shapes": p["shape"] or [], "threads": p["threads"], "tune": p["tune"], "tune_db": _str(p["tune_db"]),
+            "prune": p["prune"],
+            "prune_options": _prune_options(p["criterion"], p["round_to"], p["global_"], p["ignore"],
+                                            p["max_layer_ratio"]),
+            "sparsity": p["sparsity"], "pattern": p["pattern"], "calib": _str(p["calib"]),
+            "target_options": _target_options(p["mcpu"], p["mattr"], p["arch"], p["dtype"])}
+
+
+def _with_recipe(ctx: typer.Context, config: Path | None, no_config: bool) -> tuple[dict[str, Any], Any]:
+    """The command's parameters, with the recipe's values for every one not given on the command line."""
+    from .config import find_recipe
+
+    params = dict(ctx.params)
+    recipe = find_recipe(config, no_config)
+    for name, value in (recipe.values.items() if recipe else ()):
+        source = ctx.get_parameter_source(name)
+        if name in params and (source is None or source.name in ("DEFAULT", "DEFAULT_MAP")):
+            params[name] = value
+    return params, recipe
+
+
+@app.command("bench")
+def bench_cmd(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="An ONNX model, or an artifact directory.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target to build the ONNX model for.")] = "cpu",
+    batch: Annotated[list[int] | None, typer.Option("--batch", help="Batch size (repeatable; default 1).",
+                                                    min=1)] = None,
+    shape: ShapeOpt = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls before timing.", min=0)] = 10,
+    repeat: Annotated[int, typer.Option("--repeat", help="Timed calls per engine.", min=1)] = 50,
+    threads: ThreadsOpt = None,
+    tune: TuneOpt = 0,
+    tune_db: TuneDbOpt = None,
+    prune: PruneOpt = None,
+    criterion: CriterionOpt = "l1",
+    calib: CalibOpt = None,
+    round_to: RoundToOpt = 1,
+    global_: GlobalOpt = False,
+    ignore: IgnoreOpt = None,
+    max_layer_ratio: MaxLayerOpt = 0.9,
+    sparsity: SparsityOpt = None,
     pattern: PatternOpt = "unstructured",
     mcpu: McpuOpt = None,
     mattr: MattrOpt = None,
     arch: ArchOpt = None,
     dtype: DtypeOpt = "float32",
+    config: ConfigOpt = None,
+    no_config: NoConfigOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compile MODEL for a target into a verified artifact directory."""
-    from .compiler import compile as compile_model
+    """Time ONNX Runtime vs our dense build vs our pruned/sparse build (median, p90, speedups)."""
+    from .bench import bench_artifact, bench_model
+    from .compiler import physical_cores, split_targets
+    from .ir import parse_shape_option
 
-    artifact = compile_model(
-        str(model), target=target, output=output, shapes=shape or [], batch=batch, verify=verify,
-        inputs=str(inputs) if inputs else None, tolerance=tolerance, threads=threads, tune=tune,
-        tune_db=str(tune_db) if tune_db else None,
-        dump_dir=str(dump_dir) if dump_dir else None, force=force, quiet=quiet or as_json,
-        prune=prune, prune_options=_prune_options(criterion, round_to, global_, ignore, max_layer_ratio),
-        sparsity=sparsity, pattern=pattern, calib=str(calib) if calib else None,
-        target_options=_target_options(mcpu, mattr, arch, dtype),
-    )
-    m = artifact.manifest
+    p, _ = _with_recipe(ctx, config, no_config)
+    if model.is_dir():
+        given = [n for n in ("prune", "sparsity", "shape") if ctx.get_parameter_source(n).name == "COMMANDLINE"]
+        if given:
+            raise BadInput(f"{model}: an artifact is benchmarked as built; --{given[0]} applies to ONNX models only")
+        result = bench_artifact(model, p["batch"] or [], p["warmup"], p["repeat"])
+    else:
+        targets = split_targets(p["target"])
+        if len(targets) != 1:
+            raise BadInput(f"bench takes one target, got {', '.join(targets)}")
+        options = _recipe_options(p)
+        options["shapes"] = dict(parse_shape_option(s) for s in options["shapes"])
+        threads = options.pop("threads") or physical_cores()
+        if options["prune"] is None:
+            options.pop("prune_options")
+        result = bench_model(model, targets[0], p["batch"] or [1], p["warmup"], p["repeat"], threads, options)
     if as_json:
-        _emit({"status": "ok", "artifact": str(artifact.path), "target": m["target"], "inputs": m["inputs"],
-               "outputs": m["outputs"], "verification": m["verification"], "timings": m["timings"]})
+        _emit(result.to_json())
         return
-    if not quiet:
-        out.print(f"[bold]artifact[/] {artifact.path}  (target {m['target']['name']})")
-        out.print(_verification_line(m["verification"]))
+    _print_bench(result)
+
+
+def _print_bench(result: Any) -> None:
+    table = Table(title=f"target {result.target}, threads {result.threads}",
+                  caption=f"{result.warmup} warm-up + {result.repeat} timed calls per row; speedup = ratio of medians")
+    table.add_column("engine", no_wrap=True)
+    for name in ("batch", "median ms", "p90 ms", "vs ORT", "vs dense"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in result.rows:
+        table.add_row(r.engine, str(r.batch), f"{r.median_ms:.4g}", f"{r.p90_ms:.4g}",
+                      f"{r.vs_onnxruntime:.2f}x" if r.vs_onnxruntime else "–",
+                      f"{r.vs_dense:.2f}x" if r.vs_dense else "–")
+    out.print(table)
 
 
 @app.command("setup")

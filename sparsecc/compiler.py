@@ -1,7 +1,8 @@
 """`sparsecc.compile`: the whole pipeline from an ONNX model to a verified artifact directory.
 
 load -> fix input shapes -> simplify -> requested passes (prune, sparsify, ...) -> codegen for the target ->
-artifact (written to a temp dir) -> verification against ONNX Runtime -> manifest -> atomic rename.
+artifact (written to a temp dir) -> verification against ONNX Runtime -> report (json, html) -> manifest ->
+atomic rename. `compile_targets` runs the ONNX passes once and then codegen for each of several targets.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,8 @@ from .artifact import (
 from .errors import BadInput
 from .ir import Model, fix_input_shapes, load_model, parse_shape_option
 from .pipeline import PassContext, PassManager, make_backend, make_pass
+from .report import REPORT_HTML, build_report, ratio_sweep, render_html
 from .runtime import Runner
-from .stats import model_summary, node_stats
 from .verify import (
     DEFAULT_TOLERANCE,
     load_calibration,
@@ -74,6 +76,7 @@ class CompileOptions:
     pattern: str = "unstructured"
     sparsify_options: dict[str, Any] = field(default_factory=dict)
     calib: dict[str, np.ndarray] | str | None = None  # calibration samples for prune/sparsify
+    sweep: bool = True  # with calibration data: report fidelity vs ratio (each pass re-run at other ratios)
     simplify: bool = True
     verify: bool = True
     inputs: dict[str, np.ndarray] | str | None = None
@@ -143,64 +146,145 @@ def _verify(model: Model, runner: Runner, opts: CompileOptions) -> dict[str, Any
     return result
 
 
-def _report(model: Model, ctx: PassContext, build_report: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
-    """The deterministic machine-readable report (no timings: those live in the manifest)."""
-    return {
-        "model": model_summary(model),
-        "target": target,
-        "passes": ctx.log,
-        "layers": [n.to_json() for n in node_stats(model)],
-        "codegen": build_report,
+@dataclass
+class _Prepared:
+    """The model after the ONNX passes, shared by every target of one compile."""
+
+    model: Model  # what is compiled
+    source: Model  # as loaded, before any pass (the report's "before")
+    requested: list[tuple[str, dict[str, Any]]]
+    sweep: list[dict[str, Any]]
+
+
+def _prepare(model: str | Path | onnx.ModelProto, opts: CompileOptions, ctx: PassContext) -> _Prepared:
+    """load -> fix shapes -> simplify -> requested passes (and the fidelity sweep when calibration data is given)."""
+    with ctx.stage("load"):
+        m = load_model(model)
+        m = fix_input_shapes(m, opts.shapes, opts.batch)
+    ctx.dump(0, "input", m)
+    source = m
+    requested = _passes(opts, m)
+    if opts.simplify:
+        m = PassManager([make_pass("simplify")]).run(m, ctx)
+    simplified = m
+    m = PassManager([make_pass(n, **o) for n, o in requested]).run(m, ctx, first_index=1 + int(opts.simplify))
+    sweep: list[dict[str, Any]] = []
+    calib = next((o["calib"] for _, o in requested if o.get("calib") is not None), None)
+    if calib is not None and opts.sweep and requested:
+        with ctx.stage("fidelity sweep (calibration data)"):
+            sweep = ratio_sweep(simplified, requested, calib, make_pass, compiled=m)
+    return _Prepared(m, source, requested, sweep)
+
+
+def _build_artifact(prepared: _Prepared, backend: Any, tmp: Path, out: Path, model: Any, opts: CompileOptions,
+                    threads: int, ctx: PassContext, shared_timings: int) -> Artifact:
+    """Codegen for one target into `tmp` (renamed to `out` by the caller), verification, report, manifest."""
+    m = prepared.model
+    first = len(ctx.timings)
+    (tmp / MODEL_FILE).write_bytes(m.serialize())
+    build = backend.build(m, tmp, ctx)
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "versions": _versions(),
+        "target": build.target,
+        "runtime": build.runtime,
+        "inputs": [s.to_json() for s in m.inputs],
+        "outputs": [s.to_json() for s in m.outputs],
+        "source": str(model) if isinstance(model, (str, Path)) else "<ModelProto>",
+        "options": {"shapes": {k: list(v) for k, v in opts.shapes.items()}, "batch": opts.batch,
+                    "passes": [[n, _jsonable(o)] for n, o in prepared.requested], "threads": threads,
+                    "tune": opts.tune, "target_options": _jsonable(opts.target_options)},
     }
+    if opts.verify and build.cannot_run:
+        manifest["verification"] = {"status": "skipped", "reason": build.cannot_run}
+    elif opts.verify:
+        with ctx.stage("verify vs ONNX Runtime"):
+            manifest["verification"] = _verify(m, Runner(Manifest(tmp, manifest)), opts)
+    else:
+        manifest["verification"] = {"status": "skipped"}
+    with ctx.stage("report"):
+        report = build_report(m, prepared.source, ctx.log, build.report, build.target, manifest["verification"],
+                              manifest["versions"], prepared.sweep)
+        write_json(tmp / REPORT_FILE, report)
+        title = f"sparsecc report: {Path(manifest['source']).name} for {build.target.get('name')}"
+        (tmp / REPORT_HTML).write_text(render_html(report, title), encoding="utf-8")
+    files = {MODEL_FILE, REPORT_FILE, REPORT_HTML, *build.files}
+    manifest["files"] = {f: sha256_file(tmp / f) for f in sorted(files)}
+    manifest["timings"] = ctx.timings[:shared_timings] + ctx.timings[first:]
+    write_json(tmp / MANIFEST, manifest)
+    return Artifact(out, manifest)
+
+
+def _compile_all(model: str | Path | onnx.ModelProto, targets: list[tuple[str, Path]],
+                 opts: CompileOptions) -> list[Artifact]:
+    """The ONNX passes once, then one artifact per (target, output); all are written, or none."""
+    threads = opts.threads or physical_cores()
+    outs = [out for _, out in targets]
+    if len(set(outs)) != len(outs):
+        raise BadInput(f"two targets would write the same artifact: {', '.join(map(str, outs))}")
+    for out in outs:
+        check_output(out, opts.force)  # fail before the expensive work; checked again at the rename
+    ctx = PassContext(options={"threads": threads}, quiet=opts.quiet,
+                      dump_dir=Path(opts.dump_dir) if opts.dump_dir else None)
+    backends = [make_backend(t, {**opts.target_options, "threads": threads, "tune": opts.tune,
+                                 "tune_db": opts.tune_db}) for t, _ in targets]
+    prepared = _prepare(model, opts, ctx)
+    shared = len(ctx.timings)
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_directory(out, force=opts.force)) for out in outs]
+        return [_build_artifact(prepared, backend, tmp, out, model, opts, threads, ctx, shared)
+                for backend, tmp, out in zip(backends, tmps, outs)]
 
 
 def compile(model: str | Path | onnx.ModelProto, target: str = "cpu", output: str | Path | None = None,
             **options: Any) -> Artifact:
     """Compile an ONNX model (path or ModelProto) for `target` into a verified artifact directory."""
     opts = CompileOptions.from_kwargs(options)
-    threads = opts.threads or physical_cores()
     out = Path(output) if output is not None else _default_output(model, target)
-    check_output(out, opts.force)  # fail before the expensive work; checked again at the rename
-    ctx = PassContext(options={"threads": threads}, quiet=opts.quiet,
-                      dump_dir=Path(opts.dump_dir) if opts.dump_dir else None)
-    backend = make_backend(target, {**opts.target_options, "threads": threads, "tune": opts.tune,
-                                    "tune_db": opts.tune_db})
+    return _compile_all(model, [(target, out)], opts)[0]
 
-    with ctx.stage("load"):
-        m = load_model(model)
-        m = fix_input_shapes(m, opts.shapes, opts.batch)
-    ctx.dump(0, "input", m)
-    requested = _passes(opts, m)
-    passes = ([make_pass("simplify")] if opts.simplify else []) + [make_pass(n, **o) for n, o in requested]
-    m = PassManager(passes).run(m, ctx)
 
-    with atomic_directory(out, force=opts.force) as tmp:
-        (tmp / MODEL_FILE).write_bytes(m.serialize())
-        build = backend.build(m, tmp, ctx)
-        write_json(tmp / REPORT_FILE, _report(m, ctx, build.report, build.target))
-        manifest: dict[str, Any] = {
-            "schema": SCHEMA_VERSION,
-            "versions": _versions(),
-            "target": build.target,
-            "runtime": build.runtime,
-            "inputs": [s.to_json() for s in m.inputs],
-            "outputs": [s.to_json() for s in m.outputs],
-            "source": str(model) if isinstance(model, (str, Path)) else "<ModelProto>",
-            "options": {"shapes": {k: list(v) for k, v in opts.shapes.items()}, "batch": opts.batch,
-                        "passes": [[n, _jsonable(o)] for n, o in requested], "threads": threads,
-                        "tune": opts.tune, "target_options": _jsonable(opts.target_options)},
-        }
-        manifest["files"] = {f: sha256_file(tmp / f) for f in sorted({MODEL_FILE, REPORT_FILE, *build.files})}
-        if opts.verify and build.cannot_run:
-            manifest["verification"] = {"status": "skipped", "reason": build.cannot_run}
-        elif opts.verify:
-            with ctx.stage("verify vs ONNX Runtime"):
-                manifest["verification"] = _verify(m, Runner(Manifest(tmp, manifest)), opts)
+def split_targets(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`cpu,arm64,wasm` -> ['cpu', 'arm64', 'wasm']; commas inside a JSON target do not split it."""
+    if not isinstance(spec, str):
+        return [t for s in spec for t in split_targets(s)]
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += {"{": 1, "[": 1, "}": -1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
         else:
-            manifest["verification"] = {"status": "skipped"}
-        manifest["timings"] = ctx.timings
-        write_json(tmp / MANIFEST, manifest)
-    return Artifact(out, manifest)
+            current += ch
+    parts.append(current)
+    targets = [p.strip() for p in parts if p.strip()]
+    if not targets:
+        raise BadInput(f"--target '{spec}': no target given")
+    return targets
+
+
+def target_dir_name(target: str, taken: set[str]) -> str:
+    """The folder name of one target's artifact under a multi-target output (`raw`, `raw-2` for JSON targets)."""
+    base = "raw" if target.lstrip().startswith("{") else "".join(
+        c if c.isalnum() or c in "-_" else "_" for c in target)[:40]
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def compile_targets(model: str | Path | onnx.ModelProto, targets: str | list[str],
+                    output: str | Path | None = None, **options: Any) -> list[Artifact]:
+    """Compile for several targets (a list, or `"cpu,arm64,wasm"`), running the ONNX passes once. With
+    `output`, artifacts go to `output/<target>`; without it, each to its default `<model>-<target>.sparsecc`.
+    All artifacts are written, or none."""
+    opts = CompileOptions.from_kwargs(options)
+    names = split_targets(targets)
+    taken: set[str] = set()
+    outs = [Path(output) / target_dir_name(t, taken) if output is not None else _default_output(model, t)
+            for t in names]
+    return _compile_all(model, list(zip(names, outs)), opts)
 
 
 def _passes(opts: CompileOptions, model: Model) -> list[tuple[str, dict[str, Any]]]:
