@@ -6,6 +6,7 @@ from typing import Any
 
 from sparsecc.pipeline import register_target
 
+from . import cuda  # registers the cuda target, its tags, toolchain and executor
 from .build import LLVMBackend
 from .targets import cpu_target, raw_target, refuse_options
 
@@ -18,5 +19,8 @@ def cpu_backend(options: dict[str, Any]) -> LLVMBackend:
 
 
 @register_target("raw")
-def raw_backend(options: dict[str, Any]) -> LLVMBackend:
+def raw_backend(options: dict[str, Any]) -> Any:
+    """A TVM target given as JSON: CUDA kinds go to the cuda backend, LLVM ones to `LLVMBackend`."""
+    if (cuda_dict := cuda.parse_raw(options["tvm_target"])) is not None:
+        return cuda.cuda_backend(options, raw=cuda_dict)
     return LLVMBackend(raw_target(options["tvm_target"]), options)

@@ -80,7 +80,7 @@ class CompileOptions:
     simplify: bool = True
     verify: bool = True
     inputs: dict[str, np.ndarray] | str | None = None
-    tolerance: float = DEFAULT_TOLERANCE
+    tolerance: float | None = None  # default: DEFAULT_TOLERANCE, or looser where the target says (fp16)
     seed: int = 0
     threads: int | None = None
     tune: int = 0  # MetaSchedule trials; 0 = default schedules (and tuning records already in the database)
@@ -131,7 +131,7 @@ def _default_output(model: Any, target: str) -> Path:
     return Path(f"{stem}-{safe}.sparsecc")
 
 
-def _verify(model: Model, runner: Runner, opts: CompileOptions) -> dict[str, Any]:
+def _verify(model: Model, runner: Runner, opts: CompileOptions, target_tolerance: float | None = None) -> dict[str, Any]:
     if isinstance(opts.inputs, str):
         feeds = load_npz(opts.inputs, model.inputs)
         origin = opts.inputs
@@ -141,7 +141,8 @@ def _verify(model: Model, runner: Runner, opts: CompileOptions) -> dict[str, Any
     else:
         feeds = random_inputs(model.inputs, opts.seed)
         origin = f"random(seed={opts.seed})"
-    result = verify_against_ort(model, runner.run, feeds, opts.tolerance, origin)
+    tolerance = opts.tolerance if opts.tolerance is not None else max(DEFAULT_TOLERANCE, target_tolerance or 0.0)
+    result = verify_against_ort(model, runner.run, feeds, tolerance, origin)
     require_passed(result, model.source)
     return result
 
@@ -199,7 +200,8 @@ def _build_artifact(prepared: _Prepared, backend: Any, tmp: Path, out: Path, mod
         manifest["verification"] = {"status": "skipped", "reason": build.cannot_run}
     elif opts.verify:
         with ctx.stage("verify vs ONNX Runtime"):
-            manifest["verification"] = _verify(m, Runner(Manifest(tmp, manifest)), opts)
+            manifest["verification"] = _verify(m, Runner(Manifest(tmp, manifest)), opts,
+                                                   build.runtime.get("tolerance"))
     else:
         manifest["verification"] = {"status": "skipped"}
     with ctx.stage("report"):

@@ -64,7 +64,7 @@ def layer_names(model: onnx.ModelProto) -> dict[str, str]:
     return names
 
 
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     ty = getattr(expr, "ty", None) if expr is not None else None
     shape = getattr(ty, "shape", None)
     values = getattr(shape, "values", None)
@@ -82,7 +82,7 @@ def _dtype(expr: relax.Expr) -> str | None:
     return getattr(getattr(expr, "ty", None), "dtype", None)
 
 
-def _const_value(expr: relax.Expr, lookup) -> np.ndarray | None:
+def const_value(expr: relax.Expr, lookup) -> np.ndarray | None:
     """The value of a constant, also through bindings of permute_dims / reshape of constants."""
     if isinstance(expr, tvm.ir.Constant):
         return expr.value.numpy()
@@ -95,12 +95,12 @@ def _const_value(expr: relax.Expr, lookup) -> np.ndarray | None:
         return bound.value.numpy()
     if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op):
         if bound.op.name == "relax.permute_dims":
-            inner = _const_value(bound.args[0], lookup)
+            inner = const_value(bound.args[0], lookup)
             axes = bound.attrs.axes
             return None if inner is None else np.transpose(inner, None if axes is None else [int(a) for a in axes])
         if bound.op.name == "relax.reshape":
-            inner = _const_value(bound.args[0], lookup)
-            shape = _static_shape(bound)
+            inner = const_value(bound.args[0], lookup)
+            shape = static_shape(bound)
             return None if inner is None or shape is None else inner.reshape(shape)
     return None
 
@@ -163,7 +163,7 @@ class _SparseRewriter(PyExprMutator):
         self._var = None
 
     def _constant(self, expr: relax.Expr) -> np.ndarray | None:
-        return _const_value(expr, self.lookup_binding)
+        return const_value(expr, self.lookup_binding)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         var = self._var
@@ -196,7 +196,7 @@ class _SparseRewriter(PyExprMutator):
             # Out of measuring time: decide from the model, and only on a clear predicted win.
             options = {**options, "measure": False, "margin": max(2.0, options.get("margin", 1.2))}
         report_progress(f"layer {name} ({len(self.decisions) + 1} so far)")
-        decision = decide(problem, self.target, options)
+        decision = (options.get("decide") or decide)(problem, self.target, options)
         self.decisions.append(decision)
         return decision
 
@@ -222,8 +222,8 @@ class _SparseRewriter(PyExprMutator):
         value = self._values.get(user) if user is not None else None
         if _is_op(value, "relax.add"):
             other = value.args[1] if value.args[0].same_as(end) else value.args[0]
-            c = _const_value(other, self._values.get)
-            if c is not None and c.size == n and c.ndim <= rank and _static_shape(value) == _static_shape(end):
+            c = const_value(other, self._values.get)
+            if c is not None and c.size == n and c.ndim <= rank and static_shape(value) == static_shape(end):
                 shape = (1,) * (rank - c.ndim) + tuple(c.shape)
                 if shape[channel_axis] == n:
                     end, bias = user, c.reshape(n).astype(np.float32)
@@ -245,7 +245,7 @@ class _SparseRewriter(PyExprMutator):
     def _matmul(self, call: relax.Call, var) -> relax.Expr:
         x, wexpr = call.args
         wt = self._constant(wexpr)  # [K, N]
-        xshape = _static_shape(x)
+        xshape = static_shape(x)
         if wt is None or wt.ndim != 2 or xshape is None or len(xshape) < 2 or _dtype(x) != "float32":
             return call
         if str(call.attrs.out_dtype or "float32") not in ("float32", "void"):
@@ -274,7 +274,7 @@ class _SparseRewriter(PyExprMutator):
         x, wexpr = call.args
         a = call.attrs
         w = self._constant(wexpr)
-        xshape = _static_shape(x)
+        xshape = static_shape(x)
         if w is None or xshape is None or _dtype(x) != "float32" or int(a.groups) != 1:
             return call
         data_layout, kernel_layout = str(a.data_layout), str(a.kernel_layout)
@@ -284,7 +284,7 @@ class _SparseRewriter(PyExprMutator):
         if str(a.out_dtype or "float32") not in ("float32", "void"):
             return call
         oihw = np.transpose(w, [kernel_layout.index(ch) for ch in "OIHW"])
-        geom = _ConvGeometry.of(xshape, data_layout, oihw.shape, a)
+        geom = ConvGeometry.of(xshape, data_layout, oihw.shape, a)
         if geom is None:
             return call
         # Reduction axis (kh, kw, I), input channels innermost: what an NHWC im2col row holds.
@@ -304,7 +304,7 @@ class _SparseRewriter(PyExprMutator):
         return call if out is None else out
 
 
-class _ConvGeometry:
+class ConvGeometry:
     """Shapes of a groups=1 conv2d and the Relax ops that turn its input into [N*OH*OW, KH*KW*C] rows."""
 
     def __init__(self, layout, n, c, h, w, kh, kw, strides, padding, dilation):
@@ -319,7 +319,7 @@ class _ConvGeometry:
         self.m = n * self.oh * self.ow
 
     @classmethod
-    def of(cls, xshape, layout, oihw_shape, attrs) -> _ConvGeometry | None:
+    def of(cls, xshape, layout, oihw_shape, attrs) -> ConvGeometry | None:
         if len(xshape) != 4:
             return None
         n, c, h, w = xshape if layout == "NCHW" else (xshape[0], xshape[3], xshape[1], xshape[2])
@@ -375,7 +375,8 @@ def rewrite_sparse(mod: tvm.IRModule, target: tvm.target.Target,
     force, ...) plus `layer_names` ({weight_key: ONNX node name}, from `layer_names(model.proto)`),
     `layout` (default True: apply the CPU layout passes first), `fuse_epilogue` (default True) and
     `budget_s` (default 300: seconds of measuring, after which layers are decided by the analytic model with
-    margin 2). A layer whose rewrite fails for any reason stays dense (its record says why).
+    margin 2), and `decide` (replaces `cost.decide`, same signature: for targets whose kernels are timed
+    elsewhere, e.g. wasm in node). A layer whose rewrite fails for any reason stays dense (its record says why).
     Returns the new module and one decision record per candidate layer.
     """
     options = dict(options or {})
