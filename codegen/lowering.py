@@ -18,18 +18,32 @@ def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None
     @tvm.transform.module_pass(opt_level=0, name="sparsecc_cpu_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            seq = tvm.transform.Sequential(
-                layout.layout_passes(target)
-                + cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + tuning.tuning_passes(target, tune, tune_db)
-                + cpu_schedule.schedule_passes(target)
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-            )
-            return seq(mod)
+            return tvm.transform.Sequential(lowering_passes(target, tune, tune_db)
+                                            + cpu_generic.finalize_passes(target))(mod)
 
     return _pipeline
+
+
+def lowering_passes(target: tvm.target.Target, tune: int = 0, tune_db: str | None = None) -> list[tvm.transform.Pass]:
+    """Everything before VM finalization: afterwards every operator is a scheduled PrimFunc called in
+    destination-passing style."""
+    return (
+        layout.layout_passes(target)
+        + cpu_generic.library_dispatch_passes(target)
+        + cpu_generic.legalize_passes(target)
+        + tuning.tuning_passes(target, tune, tune_db)
+        + cpu_schedule.schedule_passes(target)
+        + cpu_generic.dataflow_lower_passes(target)
+    )
+
+
+def lower_static(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,
+                 tune_db: str | None = None) -> tvm.IRModule:
+    """The pipeline without Relax VM codegen, for executors that run a static-shape `main` themselves (wasm):
+    intermediate storage planned (`StaticPlanBlockMemory`) and every allocation explicit (`LowerAllocTensor`)."""
+    with target:
+        return tvm.transform.Sequential(lowering_passes(target, tune, tune_db) + [
+            relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor()])(mod)
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,
@@ -37,4 +51,4 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,
     return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, tune, tune_db))
 
 
-__all__ = ["compile_module", "relax_pipeline", "relax"]
+__all__ = ["compile_module", "lower_static", "lowering_passes", "relax_pipeline", "relax"]
