@@ -21,14 +21,16 @@ from sparsecc.ir import Model, fix_input_shapes, load_model
 from sparsecc.models import zoo
 from sparsecc.passes.prune import PrunePass
 
-# (label, criterion, uses calibration data)
+# (label, criterion, uses calibration data, global ranking: None = as given on the command line)
 SETTINGS = (
-    ("l1", "l1", False),
-    ("l2", "l2", False),
-    ("bn", "bn", False),
-    ("activation", "activation", True),
-    ("obspa (data-free)", "obspa", False),
-    ("obspa (calib)", "obspa", True),
+    ("l1", "l1", False, None),
+    ("l2", "l2", False, None),
+    ("bn", "bn", False, None),
+    ("activation", "activation", True, None),
+    ("obspa (data-free)", "obspa", False, None),
+    ("obspa (calib)", "obspa", True, None),
+    ("obspa global (data-free)", "obspa", False, True),
+    ("obspa global (calib)", "obspa", True, True),
 )
 
 
@@ -53,9 +55,10 @@ def run(models: list[str], ratios: list[float], batch: int, global_ranking: bool
         calib = zoo.calib_data(name)
         base = evaluate(model, x, y)
         rows.append({"model": name, "setting": "dense", "ratio": 0.0, "top1": base, "params": 1.0})
-        for label, criterion, uses_calib in SETTINGS:
+        for label, criterion, uses_calib, glob in SETTINGS:
             for ratio in ratios:
-                p = PrunePass(ratio, criterion, calib if uses_calib else None, global_ranking=global_ranking)
+                use_global = global_ranking if glob is None else glob
+                p = PrunePass(ratio, criterion, calib if uses_calib else None, global_ranking=use_global)
                 start = time.perf_counter()
                 pruned = p(model, None)
                 seconds = time.perf_counter() - start
@@ -74,7 +77,7 @@ def run(models: list[str], ratios: list[float], batch: int, global_ranking: bool
                     }
                 )
                 print(
-                    f"{name:20s} {label:18s} {ratio:.1f} top1 {acc * 100:5.1f} (dense {base * 100:5.1f})",
+                    f"{name:20s} {label:26s} {ratio:.1f} top1 {acc * 100:5.1f} (dense {base * 100:5.1f})",
                     flush=True,
                 )
     return rows
@@ -87,7 +90,7 @@ def to_markdown(rows: list[dict], ratios: list[float]) -> str:
         lines.append(f"\n### {name} (dense top-1 {dense['top1'] * 100:.1f}%)\n")
         lines.append("| criterion | " + " | ".join(f"{int(r * 100)}%" for r in ratios) + " |")
         lines.append("|---" * (len(ratios) + 1) + "|")
-        for label, _, _ in SETTINGS:
+        for label, *_ in SETTINGS:
             cells = []
             for ratio in ratios:
                 r = next(

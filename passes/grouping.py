@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from sparsecc.errors import BadInput
@@ -166,6 +167,7 @@ class _Tracer:
         self.sources: list[tuple[str, np.ndarray]] = []
         self.fixups: list[Fixup] = []
         self.opset = 13
+        self.attention = "heads"  # or "head_dims": what a head split [.., H*D] -> [.., H, D] prunes
 
     # -- helpers used by rules
     def lab(self, t: gs.Tensor) -> np.ndarray | None:
@@ -210,20 +212,32 @@ class _Tracer:
         """Compress axes the labels do not vary on; if several axes vary, the inner ones join the outer
         (attention: (H*D) -> (H, D) prunes whole heads)."""
         roots = self.uf.find(lab)
-        vary = [a for a in range(lab.ndim) if lab.shape[a] > 1 and not _constant_along(roots, a)]
+        roots = roots[tuple(slice(0, 1) if _constant_along(roots, a) else slice(None) for a in range(lab.ndim))]
+        vary = varying_axes(roots)
         if len(vary) > 1:
             outer = vary[0]
             moved = np.moveaxis(roots, outer, 0).reshape(roots.shape[outer], -1)
             for row in moved:
-                row = row[row >= 0]
-                for x in row[1:]:
-                    self.uf.union(int(row[0]), int(x))
-                if len(row) != 0 and (row < 0).any():
+                row = np.unique(row)
+                valid = row[row >= 0]
+                for x in valid[1:]:
+                    self.uf.union(int(valid[0]), int(x))
+                if len(valid) and len(valid) < len(row):
                     self.uf.block(row, f"{node.op} '{node.name}' mixes channels with fixed positions")
-            roots = self.uf.find(lab)
+            roots = self.uf.find(roots)
             vary = [outer]
         index = tuple(slice(None) if a in vary else slice(0, 1) for a in range(lab.ndim))
         return roots[index] if vary else None
+
+    def join_heads(self, lab: np.ndarray, head_axis: int) -> None:
+        """Head-dim pruning: position d of every head is one channel (uniform head dims, H kept)."""
+        moved = np.moveaxis(self.uf.find(lab), head_axis, -1).reshape(-1, lab.shape[head_axis])
+        for row in np.unique(moved, axis=0):
+            valid = row[row >= 0]
+            for x in valid[1:]:
+                self.uf.union(int(valid[0]), int(x))
+            if len(valid) and len(valid) < len(row):
+                self.uf.block(valid, "attention heads mix prunable and fixed head dims")
 
 
 def _constant_along(arr: np.ndarray, axis: int) -> bool:
@@ -532,9 +546,25 @@ def _rule_reshape(tr, node):
         return _block_all(tr, node, f"{node.op} '{node.name}' has unresolved shapes")
     if node.op == "Reshape" and not isinstance(node.inputs[1], gs.Constant):
         return _block_all(tr, node, f"Reshape '{node.name}' has a shape computed at run time")
-    tr.set_out(node, node.outputs[0], np.broadcast_to(lab, si).reshape(so))
+    out = np.broadcast_to(lab, si).reshape(so)
+    if tr.attention == "head_dims" and _is_head_split(node, lab, si, so):
+        tr.join_heads(out, len(so) - 2)
+    tr.set_out(node, node.outputs[0], out)
     if node.op == "Reshape" and tr.lab(node.outputs[0]) is not None:
         tr.fixups.append(Fixup(node, "reshape"))
+
+
+def _is_head_split(node: gs.Node, lab: np.ndarray, si: tuple, so: tuple) -> bool:
+    """[.., H*D] -> [.., H, D] feeding Transposes only: the multi-head split of an attention layer."""
+    return (
+        node.op == "Reshape"
+        and len(so) == len(si) + 1
+        and tuple(so[:-2]) == tuple(si[:-1])
+        and varying_axes(lab) == [lab.ndim - 1]
+        and so[-2] > 1
+        and bool(node.outputs[0].outputs)
+        and all(c.op == "Transpose" for c in node.outputs[0].outputs)
+    )
 
 
 def _rule_transpose(tr, node):
@@ -747,16 +777,44 @@ def prepare_graph(model: Model) -> gs.Graph:
     except Exception:  # folding is an optimisation; tracing still works (blocking more) without it
         graph = model.graph()
         graph.cleanup().toposort()
-    return graph
+    return _infer_unresolved_shapes(graph)
 
 
-def trace_groups(model: Model, graph: gs.Graph | None = None, ignore: tuple[str, ...] = ()) -> GroupAnalysis:
-    """Trace channel spaces through the graph and return the channel groups."""
+def _infer_unresolved_shapes(graph: gs.Graph) -> gs.Graph:
+    """Re-run shape inference where folding left symbolic dims (e.g. an Expand whose shape became constant)."""
+    ends = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    open_ = [
+        t
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Variable) and id(t) not in ends and t.shape is not None and _shape(t) is None
+    ]
+    if not open_:
+        return graph
+    for t in open_:
+        t.shape = None
+    try:
+        proto = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), data_prop=True)
+    except Exception:  # inference is an optimisation, as folding is
+        return graph
+    return gs.import_onnx(proto)
+
+
+ATTENTION_MODES = ("heads", "head_dims")
+
+
+def trace_groups(
+    model: Model, graph: gs.Graph | None = None, ignore: tuple[str, ...] = (), attention: str = "heads"
+) -> GroupAnalysis:
+    """Trace channel spaces through the graph and return the channel groups. `attention` says what the
+    channels of a multi-head split are: whole heads, or head dims (position d of every head, Q/K and V/out
+    as separate groups)."""
+    if attention not in ATTENTION_MODES:
+        raise BadInput(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     graph = graph if graph is not None else prepare_graph(model)
     if any(isinstance(v, gs.Constant) for v in graph.inputs):
         raise BadInput(f"{model.source}: graph inputs must not be constants")
     tr = _Tracer(graph, model.source)
-    tr.opset = model.opset
+    tr.opset, tr.attention = model.opset, attention
     names = {n.name for n in graph.nodes}
     unknown = [n for n in ignore if n not in names]
     if unknown:

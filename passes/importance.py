@@ -339,6 +339,8 @@ def _damped(h: np.ndarray) -> np.ndarray:
 class OBSPA:
     """OBS group scores from the consumer inputs' Gram matrix, then sequential weight reconstruction."""
 
+    comparable = True  # relative output errors of the consumer layers: ranked across groups as they are
+
     def __init__(self, model, analysis, calib, seed):
         self.model, self.analysis, self.seed = model, analysis, seed
         # data-free with BatchNorms: Gaussian inputs, every BatchNorm re-standardizing its batch so that the
@@ -366,28 +368,28 @@ class OBSPA:
         by_group: dict[int, np.ndarray] = {
             g.id: np.zeros(len(g.channels)) for g in analysis.groups if g.prunable
         }
+        by_group_greedy = {gid: np.zeros_like(v) for gid, v in by_group.items()}
         seen = {g.id: False for g in analysis.groups if g.prunable}
         for layer in layers.values():
             z = _augment(layer.features(self.inputs[layer.node.inputs[0].name], self.rng))
             h = z.T @ z / len(z)
             wa = np.concatenate([layer.W, layer.bias()[:, None]], axis=1)
             energy = float(np.einsum("ij,jk,ik->", wa, h, wa)) + 1e-12
-            hinv = np.linalg.inv(_damped(h))
-            errs = {}
-            for r in np.unique(layer.roots[layer.roots >= 0]):
-                idx = np.nonzero(layer.roots == r)[0]
-                ws = layer.W[:, idx]
-                errs[int(r)] = float(np.sum(ws.T * np.linalg.solve(hinv[np.ix_(idx, idx)], ws.T))) / energy
+            alone, greedy = greedy_obs_errors(layer.W, np.linalg.inv(_damped(h)), layer.roots, energy)
             for g in analysis.groups:
-                if g.id in by_group:
-                    roots = np.array(list(errs), dtype=np.int64)
-                    vals = np.array(list(errs.values()))
-                    add = _scatter(g, roots, vals) if len(roots) else 0
+                if g.id in by_group and alone:
+                    roots = np.array(list(alone), dtype=np.int64)
+                    add = _scatter(g, roots, np.array(list(alone.values())))
                     if np.any(add):
                         by_group[g.id] += add
+                        by_group_greedy[g.id] += _scatter(g, roots, np.array([greedy[int(r)] for r in roots]))
                         seen[g.id] = True
+        # global ranking compares greedy (compensated, cumulative) costs across layers; uniform ranking
+        # orders each group by the error of removing a channel alone
+        self.global_scores = {}
         for gid, s in by_group.items():
             self.scores[gid] = s if seen[gid] else fallback[gid]
+            self.global_scores[gid] = by_group_greedy[gid] if seen[gid] else fallback[gid]
 
     def reconstruct(self, pruned: set[int]) -> None:
         """Consumer by consumer in graph order: least-squares fit of the kept inputs (as the pruned model sees
@@ -431,6 +433,49 @@ class OBSPA:
                 w = np.where(np.isin(layer.roots, pruned_arr)[None, :], 0.0, layer.W)
                 _write_layer(g, node, w, np.zeros(0) if node.op == "MatMul" else layer.bias())
         return g
+
+
+def greedy_obs_errors(
+    w: np.ndarray, hinv: np.ndarray, roots: np.ndarray, energy: float
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Removal cost of each input channel of a layer y = W z, taken in greedy OBS order with compensation:
+    repeatedly remove the cheapest channels (a chunk of ~1/64 of them per step), update the remaining weights
+    and the inverse Gram matrix as Optimal Brain Surgeon does, and charge each channel the output error
+    (relative to `energy`) of its step - non-decreasing, so a channel's score says how costly the layer
+    gets once it and every cheaper one are gone, which is what ranking across layers needs. Also returns
+    each channel's error when removed alone (the first step's costs), which ranks channels within a layer."""
+    w, hinv = w.astype(np.float64).copy(), hinv.copy()
+    units = [(int(r), np.nonzero(roots == r)[0]) for r in np.unique(roots[roots >= 0])]
+    single = all(len(idx) == 1 for _, idx in units)
+    chunk = max(1, len(units) // 64)
+    errs: dict[int, float] = {}
+    alone: dict[int, float] = {}
+    last = 0.0
+    while units:
+        if single:
+            cols = np.array([idx[0] for _, idx in units])
+            cost = (w[:, cols] ** 2).sum(axis=0) / np.maximum(np.diag(hinv)[cols], 1e-12)
+        else:
+            cost = np.array([_block_error(w, hinv, idx) for _, idx in units])
+        if not alone:
+            alone = {r: float(c) / energy for (r, _), c in zip(units, cost)}
+        order = np.argsort(cost, kind="stable")[:chunk]
+        for i in order:
+            last = max(last, float(cost[i]))
+            errs[units[i][0]] = last / energy
+        idx = np.concatenate([units[i][1] for i in order])
+        hqq = np.linalg.pinv(hinv[np.ix_(idx, idx)])
+        w -= w[:, idx] @ hqq @ hinv[idx, : w.shape[1]]
+        hinv -= hinv[:, idx] @ hqq @ hinv[idx, :]
+        w[:, idx] = 0.0
+        drop = set(order.tolist())
+        units = [u for i, u in enumerate(units) if i not in drop]
+    return alone, errs
+
+
+def _block_error(w: np.ndarray, hinv: np.ndarray, idx: np.ndarray) -> float:
+    ws = w[:, idx]
+    return float(np.sum(ws.T * np.linalg.lstsq(hinv[np.ix_(idx, idx)], ws.T, rcond=None)[0]))
 
 
 def _register_bias(analysis: GroupAnalysis, node: gs.Node) -> None:

@@ -20,7 +20,15 @@ from sparsecc.ir import Model, validate
 from sparsecc.pipeline import register_pass
 from sparsecc.verify import check_calibration
 
-from .grouping import ChannelGroup, GroupAnalysis, axis_ids, prepare_graph, trace_groups, varying_axes
+from .grouping import (
+    ATTENTION_MODES,
+    ChannelGroup,
+    GroupAnalysis,
+    axis_ids,
+    prepare_graph,
+    trace_groups,
+    varying_axes,
+)
 from .importance import CRITERIA, score_groups
 
 
@@ -54,20 +62,33 @@ def _n_keep(n: int, n_prune: int, opts: Selection) -> int:
     return keep
 
 
-def select_channels(groups: list[ChannelGroup], scores: dict[int, np.ndarray], opts: Selection) -> set[int]:
-    """Roots of the channels to remove. Uniform: `ratio` of each group; global: lowest normalized scores."""
+def select_channels(
+    groups: list[ChannelGroup], scores: dict[int, np.ndarray], opts: Selection, comparable: bool = False
+) -> set[int]:
+    """Roots of the channels to remove. Uniform: `ratio` of each group. Global: the channels with the lowest
+    score per parameter they control, until `ratio` of the prunable groups' parameters is gone (a head weighs
+    as much as its slices of Q, K, V and the output projection), each group within its per-layer cap. Scores
+    are compared as they are when the criterion says they are (`comparable`: obspa's relative output error),
+    else after dividing by their group's mean."""
     prunable = [g for g in groups if g.prunable and len(g.channels) > 1]
     n_prune: dict[int, int] = {}
     if opts.global_ranking:
         pool = []
         for g in prunable:
-            s = scores[g.id]
-            norm = s / (np.mean(s) + 1e-12)
-            pool += [(float(v), g.id) for v in norm]
+            s = np.asarray(scores[g.id], dtype=np.float64)
+            norm = s if comparable else s / (np.mean(s) + 1e-12)
+            cost = max(1.0, g.params / len(g.channels))
+            pool += [(float(v) / cost, cost, g.id) for v in np.sort(norm)]
         pool.sort()
-        budget = int(round(opts.ratio * len(pool)))
-        for _, gid in pool[:budget]:
-            n_prune[gid] = n_prune.get(gid, 0) + 1
+        budget = opts.ratio * sum(g.params for g in prunable)
+        caps = {g.id: len(g.channels) - _n_keep(len(g.channels), len(g.channels), opts) for g in prunable}
+        removed = 0.0
+        for _, cost, gid in pool:
+            if removed + cost / 2 > budget:
+                break
+            if n_prune.get(gid, 0) < caps[gid]:
+                n_prune[gid] = n_prune.get(gid, 0) + 1
+                removed += cost
     else:
         n_prune = {g.id: int(np.floor(opts.ratio * len(g.channels) + 1e-9)) for g in prunable}
     pruned: set[int] = set()
@@ -215,6 +236,7 @@ class PrunePass:
         ignore: tuple[str, ...] = (),
         max_layer_ratio: float = 0.9,
         seed: int = 0,
+        attention: str = "heads",
     ):
         try:
             ratio = float(ratio)
@@ -230,7 +252,9 @@ class PrunePass:
             raise BadInput(f"prune: max_layer_ratio must be in (0, 1), got {max_layer_ratio}")
         self.selection = Selection(ratio, bool(global_ranking), float(max_layer_ratio), int(round_to))
         self.criterion, self.calib, self.seed = criterion, calib, int(seed)
-        self.ignore = tuple(ignore or ())
+        if attention not in ATTENTION_MODES:
+            raise BadInput(f"prune: attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+        self.ignore, self.attention = tuple(ignore or ()), attention
         self.summary: dict = {}
 
     def _check_calib(self, model: Model) -> dict[str, np.ndarray] | None:
@@ -240,14 +264,17 @@ class PrunePass:
         calib = self._check_calib(model)
         graph = prepare_graph(model)
         params_before, flops_before = count_params(graph), count_flops(graph)
-        analysis = trace_groups(model, graph, self.ignore)
+        analysis = trace_groups(model, graph, self.ignore, self.attention)
         prunable = [g for g in analysis.groups if g.prunable and len(g.channels) > 1]
         pruned: set[int] = set()
         scores: dict[int, np.ndarray] = {}
         if self.selection.ratio > 0 and prunable:
             scorer = score_groups(self.criterion, model, analysis, calib, self.seed)
             scores = scorer.scores
-            pruned = select_channels(analysis.groups, scores, self.selection)
+            if self.selection.global_ranking:
+                scores = getattr(scorer, "global_scores", scores)
+            comparable = bool(getattr(scorer, "comparable", False))
+            pruned = select_channels(analysis.groups, scores, self.selection, comparable)
             pruned = repair_selection(analysis, pruned, scores)
             if pruned and hasattr(scorer, "reconstruct"):
                 scorer.reconstruct(pruned)
@@ -259,6 +286,7 @@ class PrunePass:
             "criterion": self.criterion,
             "ratio": self.selection.ratio,
             "global": self.selection.global_ranking,
+            "attention": self.attention,
             "groups": len(analysis.groups),
             "groups_prunable": len(prunable),
             "groups_pruned": sum(1 for g in prunable if any(int(r) in pruned for r in g.channels)),

@@ -50,10 +50,14 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Recipe (TOML);
 NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore ./sparsecc.toml.")]
 
 
+AttentionOpt = Annotated[str, typer.Option("--attention", help=(
+    "What attention layers lose: heads (whole heads) | head_dims (the same dims of every head)."))]
+
+
 def _prune_options(criterion: str, round_to: int, global_: bool, ignore: list[str] | None,
-                   max_layer_ratio: float) -> dict[str, Any]:
+                   max_layer_ratio: float, attention: str = "heads") -> dict[str, Any]:
     return {"criterion": criterion, "round_to": round_to, "global_ranking": global_,
-            "ignore": tuple(ignore or ()), "max_layer_ratio": max_layer_ratio}
+            "ignore": tuple(ignore or ()), "max_layer_ratio": max_layer_ratio, "attention": attention}
 
 
 def _target_options(mcpu: str | None, mattr: list[str] | None, arch: str | None, dtype: str) -> dict[str, Any]:
@@ -122,6 +126,7 @@ def compile_cmd(
     global_: GlobalOpt = False,
     ignore: IgnoreOpt = None,
     max_layer_ratio: MaxLayerOpt = 0.9,
+    attention: AttentionOpt = "heads",
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = "unstructured",
     sweep: Annotated[bool, typer.Option("--sweep/--no-sweep", help="With --calib: report fidelity vs ratio "
@@ -179,7 +184,7 @@ def _recipe_options(p: dict[str, Any]) -> dict[str, Any]:
     return {"shapes": p["shape"] or [], "threads": p["threads"], "tune": p["tune"], "tune_db": _str(p["tune_db"]),
             "prune": p["prune"],
             "prune_options": _prune_options(p["criterion"], p["round_to"], p["global_"], p["ignore"],
-                                            p["max_layer_ratio"]),
+                                            p["max_layer_ratio"], p["attention"]),
             "sparsity": p["sparsity"], "pattern": p["pattern"], "calib": _str(p["calib"]),
             "target_options": _target_options(p["mcpu"], p["mattr"], p["arch"], p["dtype"])}
 
@@ -217,6 +222,7 @@ def bench_cmd(
     global_: GlobalOpt = False,
     ignore: IgnoreOpt = None,
     max_layer_ratio: MaxLayerOpt = 0.9,
+    attention: AttentionOpt = "heads",
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = "unstructured",
     mcpu: McpuOpt = None,
@@ -343,13 +349,14 @@ def prune_cmd(
     global_: GlobalOpt = False,
     ignore: IgnoreOpt = None,
     max_layer_ratio: MaxLayerOpt = 0.9,
+    attention: AttentionOpt = "heads",
     shape: ShapeOpt = None,
     batch: Annotated[int | None, typer.Option(help="Value for a dynamic leading batch dim.", min=1)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove whole coupled channel groups, physically shrinking the model."""
-    options = {"ratio": ratio, **_prune_options(criterion, round_to, global_, ignore, max_layer_ratio)}
+    options = {"ratio": ratio, **_prune_options(criterion, round_to, global_, ignore, max_layer_ratio, attention)}
     data = _transform(model, output, shape, batch, force, "prune", options, calib, quiet=as_json)
     _emit(data) if as_json else _print_before_after(data)
 

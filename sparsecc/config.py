@@ -75,6 +75,7 @@ SCHEMA: dict[str, Key] = {
     "prune.global": Key("global_", "bool"),
     "prune.ignore": Key("ignore", "strs"),
     "prune.max_layer_ratio": Key("max_layer_ratio", "float"),
+    "prune.attention": Key("attention", "str"),
     "sparsify.sparsity": Key("sparsity", "float"),
     "sparsify.pattern": Key("pattern", "str"),
     "target_options.mcpu": Key("mcpu", "str"),

@@ -76,3 +76,26 @@ def test_compile_with_prune_matches_ort(cli, tmp_path, calib_npz):
     original = load_model(model_path("digits_cnn")).proto
     count = lambda m: sum(int(np.prod(t.dims)) for t in m.graph.initializer)  # noqa: E731
     assert count(compiled) < 0.8 * count(original)
+
+
+@pytest.mark.parametrize("attention", ["heads", "head_dims"])
+def test_prune_command_attention_modes(cli, tmp_path, attention):
+    """`--attention heads` removes whole heads, `head_dims` the same dims of every head: both shrink the
+    transformer and keep it valid with the same output shape."""
+    out = tmp_path / f"{attention}.onnx"
+    r = cli("prune", model_path("digits_transformer"), "--ratio", "0.5", "--attention", attention,
+            "-o", out, "--json")
+    assert r.code == 0, r.err
+    data = json.loads(r.out)
+    assert data["after"]["params"] < data["before"]["params"]
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    x, _ = test_data("digits_transformer")
+    pruned = run_onnxruntime(load_model(out), {"input": x[:1]})[0]
+    dense = run_onnxruntime(load_model(model_path("digits_transformer")), {"input": x[:1]})[0]
+    assert pruned.shape == dense.shape
+
+
+def test_prune_command_refuses_unknown_attention_mode(cli, tmp_path):
+    r = cli("prune", model_path("digits_transformer"), "--ratio", "0.5", "--attention", "rows",
+            "-o", tmp_path / "x.onnx")
+    assert r.code == 2 and "attention" in r.err and not (tmp_path / "x.onnx").exists()

