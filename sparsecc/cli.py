@@ -287,8 +287,9 @@ def setup_cmd(
         _emit({"status": "ok", "toolchains": results})
         return
     for r in results:
-        tools = ", ".join(f"{k}: {v}" for k, v in r.get("tools", {}).items()) or "nothing external"
-        out.print(f"[green]✓[/] {r['target']}: {r['status']} ({tools})")
+        out.print(f"[green]✓[/] {r['target']}: {r['status']}" + ("" if r.get("tools") else " (nothing external)"))
+        for name, path in r.get("tools", {}).items():
+            out.print(f"    {name}: {path}", soft_wrap=True, highlight=False)
 
 
 def _write_npz(path: Path, names: list[str], values: list[np.ndarray]) -> None:

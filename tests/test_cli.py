@@ -147,3 +147,11 @@ def test_demo(cli, tmp_path):
     assert data["verification"]["status"] == "passed"
     assert data["accuracy_sparsecc"] == pytest.approx(data["accuracy_onnxruntime"])
     assert data["accuracy_sparsecc"] > 0.95
+
+
+def test_setup_check(cli):
+    r = cli("setup", "cpu", "--check", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["toolchains"] == [{"target": "cpu", "status": "ready", "tools": {}}]
+    r = cli("setup", "no-such-target", "--check")
+    assert r.code == 3 and "unknown target" in r.err
