@@ -6,7 +6,7 @@ from typing import Any
 
 from sparsecc.pipeline import register_target
 
-from . import cuda, wasm  # noqa: F401 - each registers its target, toolchain and executor
+from . import arm64, cuda, wasm  # noqa: F401 - each registers its target, toolchain and executor
 from .build import LLVMBackend
 from .targets import cpu_target, raw_target, refuse_options
 

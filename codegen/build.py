@@ -32,8 +32,12 @@ class LLVMBackend:
         target = self.spec.target()
         report: dict[str, Any] = {"schedules": "sparsecc"}
         with ctx.stage("sparse rewrite (cost model)", kind="codegen"):
+            # Off the host, timing candidates here would measure the wrong machine: decide analytically.
+            measure = {} if self.spec.native else {"measure": False}
             mod, decisions = rewrite_sparse(mod, target, {"layer_names": layer_names(model.proto),
-                                                          "threads": self.options.get("threads")})
+                                                          "threads": self.options.get("threads"), **measure,
+                                                          "cache_dir": self.options.get("tune_db"),
+                                                          **(self.options.get("sparse_options") or {})})
         if decisions:
             report["sparse_layers"] = decisions
         with ctx.stage(f"build ({self.spec.name})", kind="codegen"):
@@ -50,12 +54,16 @@ class LLVMBackend:
                     raise Unsupported(
                         f"{model.source}: TVM failed to build for {self.spec.name}: {one_line(e2)[:400]}") from None
         with ctx.stage("export library", kind="codegen"):
-            ex.export_library(str(out_dir / self.spec.library))
+            if self.spec.export:
+                files = self.spec.export(ex, out_dir)
+            else:
+                ex.export_library(str(out_dir / self.spec.library))
+                files = (self.spec.library,)
         runtime = {"kind": self.spec.runtime_kind, "library": self.spec.library}
         if self.options.get("threads"):
             runtime["threads"] = int(self.options["threads"])
         return BuildResult(
-            files=(self.spec.library,),
+            files=files,
             runtime=runtime,
             target={"name": self.spec.name, "tvm": self.spec.tvm_target, **self.spec.info},
             report=report,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import tvm
@@ -22,6 +24,10 @@ class TargetSpec:
     runtime_kind: str = "tvm-vm"
     library: str = "model.so"
     info: dict[str, Any] = field(default_factory=dict)
+    # Writes the compiled executable into the artifact directory and returns the files written;
+    # None: `export_library` with the host's compiler.
+    export: Callable[[tvm.runtime.Executable, Path], tuple[str, ...]] | None = None
+    native: bool = True  # this host runs the code, so the sparse cost model may time candidates on it
 
     def target(self) -> tvm.target.Target:
         return tvm.target.Target(self.tvm_target)
@@ -49,18 +55,25 @@ def cpu_target(threads: int | None = None, mcpu: str | None = None,
         tgt["mattr"] = list(mattr)
     try:
         tvm.target.Target(tgt)
-    except (ValueError, TypeError, tvm.error.TVMError) as e:
+    except (ValueError, TypeError, tvm.error.InternalError) as e:
         raise BadInput(f"--mcpu/--mattr: not valid for x86-64 ({' '.join(str(e).split())[:200]})") from None
     if threads:
         tgt["num-cores"] = int(threads)
     return TargetSpec("cpu", tgt, info={"host_cpu": cpu})
 
 
+# Raw LLVM target dicts for other architectures: first part of the mtriple -> spec (registered by their module).
+RAW_LLVM_TARGETS: dict[str, Callable[[dict[str, Any]], TargetSpec]] = {}
+
+
 def raw_target(text: str) -> TargetSpec:
     try:
         tgt = json.loads(text)
+        arch = str(tgt.get("mtriple", "")).split("-")[0] if isinstance(tgt, dict) else ""
+        if arch in RAW_LLVM_TARGETS and tgt.get("kind") == "llvm":
+            return RAW_LLVM_TARGETS[arch](tgt)  # checks the dict itself, with its own messages
         tvm.target.Target(tgt)
-    except (json.JSONDecodeError, ValueError, TypeError, tvm.error.TVMError) as e:
+    except (json.JSONDecodeError, ValueError, TypeError, tvm.error.InternalError) as e:
         raise BadInput(f"--target: not a valid TVM target JSON ({' '.join(str(e).split())[:200]})") from None
     if tgt.get("kind") != "llvm" or "x86_64" not in str(tgt.get("mtriple", "x86_64")):
         raise Unsupported(f"--target: raw target kind '{tgt.get('kind')}' for this host is not supported yet")

@@ -155,3 +155,10 @@ def test_setup_check(cli):
     assert json.loads(r.out)["toolchains"] == [{"target": "cpu", "status": "ready", "tools": {}}]
     r = cli("setup", "no-such-target", "--check")
     assert r.code == 3 and "unknown target" in r.err
+
+
+@pytest.mark.parametrize("target", ['{"kind": "llvm", "mtriple": ', '{"kind": "no-such-kind"}'])
+def test_malformed_raw_target_is_bad_input(cli, conv_path, tmp_path, target):
+    r = cli("compile", conv_path, "--target", target, "-o", tmp_path / "a")
+    assert r.code == 2 and "target" in r.err and "internal" not in r.err
+    assert not (tmp_path / "a").exists()

@@ -90,7 +90,7 @@ def cuda_spec(options: dict[str, Any], tag: str | None = None, raw: dict[str, An
         name = "cuda"
     try:
         tvm.target.Target(tgt)
-    except (ValueError, TypeError, tvm.error.TVMError) as e:
+    except (ValueError, TypeError, tvm.error.InternalError) as e:
         raise BadInput(f"--target: not a valid CUDA target ({one_line(e)[:200]})") from None
     return CudaSpec(name, tgt, dtype)
 
