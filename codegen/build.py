@@ -43,7 +43,8 @@ class LLVMBackend:
         with ctx.stage(f"build ({self.spec.name})", kind="codegen"):
             try:
                 ex = compile_module(mod, target, tune=int(self.options.get("tune") or 0),
-                                    tune_db=self.options.get("tune_db"))
+                                    tune_db=self.options.get("tune_db"),
+                                    exec_mode="compiled" if self.spec.native else "bytecode")
             except Exception as e:  # TVM raises TVMError / InternalError with multi-line messages
                 # Our layout and schedule rules must never turn a model TVM can build into a refusal:
                 # fall back to TVM's stock pipeline (slow but correct) and say so in the report.
