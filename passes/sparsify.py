@@ -5,7 +5,11 @@ initializers, so the result is an ordinary model that ONNX Runtime runs and veri
 the zeros by itself (`codegen/sparse`), whoever made them. Each weight is seen as [N outputs, K reduction]
 (see `sparsity_patterns`), scored by magnitude - or, given calibration inputs, by the OBS saliency
 w^2 / [H^-1]_kk^2 with H = X^T X of the layer's inputs, in which case the weights that stay are updated
-SparseGPT-style to compensate for the removed ones (no fine-tuning needed).
+SparseGPT-style to compensate for the removed ones (no fine-tuning needed). With calibration data the layers
+are processed in graph order (`sequential=True`, the default): the weights that multiply the same activation
+(Q/K/V) form one stage, and each stage's H comes from running the model with the earlier stages already
+sparsified in ONNX Runtime (only the subgraph up to that activation), as SparseGPT does; `sequential=False`
+takes every H from the dense model in one run. `damp` is the Hessian dampening, a fraction of its mean diagonal.
 
 Annotation: the pass writes `metadata_props["sparsecc.sparsity"]`, a JSON object
 `{"pattern": ..., "target": S, "scope": ..., "compensated": bool, "layers": {node name: {"weight": name,
@@ -102,34 +106,73 @@ def find_weights(model: Model, ignore=(), min_params: int = 1024) -> list[Weight
 
 # ------------------------------------------------------------------------------------------ calibration
 
-def _layer_inputs(model: Model, views: list[WeightView], calib: dict[str, np.ndarray]) -> dict[str, list]:
-    """Run ONNX Runtime on the calibration inputs, returning each layer's activation input per chunk."""
-    import onnxruntime as ort
+def _subgraph(proto: onnx.ModelProto, outputs: list[str], weights: dict[str, np.ndarray]) -> bytes:
+    """The part of the model that computes `outputs` (as graph outputs), with `weights` replacing their
+    initializers: the probe each calibration run feeds to ONNX Runtime."""
+    graph = proto.graph
+    needed, nodes = set(outputs), []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(node.input)
+            for a in node.attribute:  # subgraphs (If/Loop/Scan) read outer names too
+                for sub in list(a.g.node if a.HasField("g") else []) + [n for g in a.graphs for n in g.node]:
+                    needed.update(sub.input)
+    inits = [numpy_helper.from_array(weights[t.name], t.name) if t.name in weights else t
+             for t in graph.initializer if t.name in needed]
+    types = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    outs = []
+    for name in outputs:
+        vi = types.get(name)
+        elem = vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else onnx.TensorProto.FLOAT
+        outs.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    init_names = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init_names or i.name in needed]
+    sub = onnx.helper.make_graph(nodes[::-1], graph.name, inputs, outs, inits)
+    sub.value_info.extend(graph.value_info)
+    probe = onnx.helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    probe.functions.extend(proto.functions)
+    return probe.SerializeToString()
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    existing = {o.name for o in proto.graph.output}
-    types = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input)}
-    wanted = sorted({v.data_input for v in views})
-    for name in wanted:
-        if name not in existing:
-            vi = types.get(name)
-            elem = vi.type.tensor_type.elem_type if vi is not None else onnx.TensorProto.FLOAT
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    calib = check_calibration(calib, model.inputs, model.source)
-    specs = {s.name: s for s in model.inputs}
-    total = min(int(np.asarray(calib[n]).shape[0]) for n in specs)
-    step = specs[next(iter(specs))].shape[0] if specs[next(iter(specs))].shape[0] > 0 else total
-    out: dict[str, list] = {n: [] for n in wanted}
-    for start in range(0, total - step + 1, step):
-        feeds = {n: a[start:start + step] for n, a in calib.items()}
-        results = sess.run(wanted, feeds)
-        for n, r in zip(wanted, results):
-            out[n].append(np.asarray(r, dtype=np.float64))
-    if not any(out.values()):
-        raise BadInput(f"calibration data has {total} samples, fewer than the model's batch {step}")
-    return out
+
+class Calibration:
+    """Calibration samples cut into model-sized batches, and the activations they produce at chosen tensors of
+    a model whose weights may already have been changed (so a layer sees what the layers before it now emit)."""
+
+    def __init__(self, model: Model, calib: dict[str, np.ndarray]):
+        specs = {s.name: s for s in model.inputs}
+        calib = check_calibration(calib, model.inputs, model.source)
+        total = min(int(np.asarray(calib[n]).shape[0]) for n in specs)
+        first = specs[next(iter(specs))].shape[0]
+        step = first if isinstance(first, int) and first > 0 else total
+        self.batches = [{n: a[i:i + step] for n, a in calib.items()} for i in range(0, total - step + 1, step)]
+        if not self.batches:
+            raise BadInput(f"calibration data has {total} samples, fewer than the model's batch {step}")
+        self.model = model
+
+    def activations(self, names: list[str], weights: dict[str, np.ndarray] | None = None) -> dict[str, list]:
+        """Each tensor in `names` per batch (float64), computed by ONNX Runtime with `weights` substituted."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(_subgraph(self.model.proto, names, weights or {}), opts,
+                                    providers=["CPUExecutionProvider"])
+        out: dict[str, list] = {n: [] for n in names}
+        used = {i.name for i in sess.get_inputs()}
+        for feeds in self.batches:
+            for n, r in zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in used})):
+                out[n].append(np.asarray(r, dtype=np.float64))
+        return out
+
+
+def stages(views: list[WeightView]) -> list[list[WeightView]]:
+    """The weights grouped by the activation they multiply (Q/K/V share one), in graph order: every weight
+    that can change a stage's input belongs to an earlier stage, since the graph is topologically sorted."""
+    groups: dict[str, list[WeightView]] = {}
+    for v in views:
+        groups.setdefault(v.data_input, []).append(v)
+    return list(groups.values())
 
 
 def _im2col(x: np.ndarray, view: WeightView) -> np.ndarray:
@@ -153,22 +196,28 @@ def _im2col(x: np.ndarray, view: WeightView) -> np.ndarray:
     return cols.reshape(-1, kh * kw * c)
 
 
+def _rows(view: WeightView, x: np.ndarray) -> np.ndarray | None:
+    """The rows [n, K] the layer multiplies with its weight, for one batch of its input; None if not computable."""
+    if view.layout == "conv":
+        return _im2col(x, view) if view.attrs.get("group", 1) == 1 else None
+    if view.op == "Gemm" and view.attrs.get("transA", 0):
+        return x.reshape(x.shape[0], -1).T
+    return x.reshape(-1, x.shape[-1])
+
+
+def _reduction_size(view: WeightView) -> int:
+    if view.layout == "conv":
+        return int(np.prod(view.shape[1:]))
+    return view.shape[1] if view.layout == "gemm_t" else view.shape[0]
+
+
 def _hessian(view: WeightView, chunks: list[np.ndarray]) -> np.ndarray | None:
     """H = 2/n sum x x^T over the rows the layer multiplies with its weight; None if not computable."""
-    k = int(np.prod(view.shape[1:])) if view.layout == "conv" else (
-        view.shape[1] if view.layout == "gemm_t" else view.shape[0])
-    h = np.zeros((k, k))
-    n = 0
+    k = _reduction_size(view)
+    h, n = np.zeros((k, k)), 0
     for x in chunks:
-        if view.layout == "conv":
-            if view.attrs.get("group", 1) != 1:
-                return None
-            rows = _im2col(x, view)
-        elif view.op == "Gemm" and view.attrs.get("transA", 0):
-            rows = x.reshape(x.shape[0], -1).T
-        else:
-            rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[1] != k:
+        rows = _rows(view, x)
+        if rows is None or rows.shape[1] != k:
             return None
         h += rows.T @ rows
         n += rows.shape[0]
@@ -222,7 +271,8 @@ class SparsifyPass:
     name = "sparsify"
 
     def __init__(self, sparsity: float, pattern: str = "unstructured", calib: dict[str, np.ndarray] | str | None = None,
-                 scope: str = "per-layer", ignore=(), min_params: int = 1024):
+                 scope: str = "per-layer", ignore=(), min_params: int = 1024, sequential: bool = True,
+                 damp: float = 0.01):
         self.pattern = parse_pattern(pattern)
         try:
             sparsity = float(sparsity)
@@ -242,6 +292,10 @@ class SparsifyPass:
         self.calib = calib
         self.ignore = tuple(ignore or ())
         self.min_params = int(min_params)
+        self.sequential = bool(sequential)
+        self.damp = float(damp)
+        if not self.damp > 0.0:
+            raise BadInput(f"damp {damp}: must be > 0 (a fraction of the mean Hessian diagonal)")
 
     def __repr__(self) -> str:
         return f"SparsifyPass({self.sparsity:g}, {self.pattern.name}, scope={self.scope})"
@@ -258,28 +312,52 @@ class SparsifyPass:
         threshold = np.partition(flat, count - 1)[count - 1]
         return {n: float(np.count_nonzero(g <= threshold)) / g.size for n, g in groups.items()}
 
+    def _sparsify(self, view: WeightView, w: np.ndarray, sparsity: float, h: np.ndarray | None) -> np.ndarray:
+        w2 = view.to_2d(w).astype(np.float64)
+        if h is not None:
+            pruned = sparsegpt(w2, h, self.pattern, sparsity, self.damp)
+        else:
+            pruned = w2 * self.pattern.mask(np.abs(w2) ** 2, sparsity)
+        return view.from_2d(pruned).astype(w.dtype)
+
+    def _calibrated(self, model: Model, views: list[WeightView], weights: dict[str, np.ndarray],
+                    targets: dict[str, float]) -> tuple[dict[str, np.ndarray], dict[str, bool]]:
+        """SparseGPT with each stage's Hessian taken from the inputs the already sparsified stages produce
+        (sequential), or every Hessian from the dense model in one run (one-shot)."""
+        calib = Calibration(model, self.calib)
+        new, compensated = {}, {}
+        order = stages(views) if self.sequential else [views]
+        dense = None if self.sequential else calib.activations(sorted({v.data_input for v in views}))
+        for stage in order:
+            name = stage[0].data_input
+            acts = dense if dense is not None else calib.activations([name], new)
+            hessians: dict[str, np.ndarray | None] = {}
+            for v in stage:
+                key = repr((v.data_input, v.layout, v.shape[1:] if v.layout == "conv" else None,
+                            sorted(v.attrs.items())))
+                if key not in hessians:  # weights sharing an input (Q/K/V) share its Hessian
+                    hessians[key] = _hessian(v, acts[v.data_input])
+                new[v.weight] = self._sparsify(v, weights[v.weight], targets[v.node], hessians[key])
+                compensated[v.node] = hessians[key] is not None
+        return new, compensated
+
     def __call__(self, model: Model, ctx: PassContext | None = None) -> Model:
         views = find_weights(model, self.ignore, self.min_params)
         weights = {t.name: numpy_helper.to_array(t) for t in model.proto.graph.initializer
                    if t.name in {v.weight for v in views}}
         targets = self._layer_sparsities(weights, views)
-        activations = _layer_inputs(model, views, self.calib) if self.calib is not None and views else None
-        new = {}
+        calibrated = self.calib is not None and bool(views)
+        if calibrated:
+            new, compensated = self._calibrated(model, views, weights, targets)
+        else:
+            new = {v.weight: self._sparsify(v, weights[v.weight], targets[v.node], None) for v in views}
+            compensated = {v.node: False for v in views}
         layers = {}
         for v in views:
-            w = weights[v.weight]
-            w2 = v.to_2d(w).astype(np.float64)
-            s = targets[v.node]
-            h = _hessian(v, activations[v.data_input]) if activations is not None else None
-            if h is not None:
-                pruned = sparsegpt(w2, h, self.pattern, s)
-            else:
-                pruned = w2 * self.pattern.mask(np.abs(w2) ** 2, s)
-            out = v.from_2d(pruned).astype(w.dtype)
-            new[v.weight] = out
-            layers[v.node] = {"weight": v.weight, "op": v.op, "shape": list(w2.shape),
+            out = new[v.weight]
+            layers[v.node] = {"weight": v.weight, "op": v.op, "shape": list(v.to_2d(out).shape),
                               "sparsity": round(1.0 - np.count_nonzero(out) / out.size, 4),
-                              "compensated": h is not None}
+                              "compensated": compensated[v.node]}
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
         for t in proto.graph.initializer:
@@ -288,7 +366,8 @@ class SparsifyPass:
         total = sum(int(np.prod(v.shape)) for v in views)
         zeros = sum(int(new[v.weight].size - np.count_nonzero(new[v.weight])) for v in views)
         summary = {"pattern": self.pattern.name, "target": self.sparsity, "scope": self.scope,
-                   "compensated": activations is not None, "overall_sparsity": round(zeros / total, 4) if total else 0.0,
+                   "compensated": calibrated,
+                   "sequential": calibrated and self.sequential, "overall_sparsity": round(zeros / total, 4) if total else 0.0,
                    "layers": layers}
         _annotate(proto, summary)
         if ctx is not None:
@@ -315,8 +394,9 @@ def read_annotation(model: Model | onnx.ModelProto) -> dict | None:
 
 @register_pass("sparsify")
 def make_sparsify(sparsity: float, pattern: str = "unstructured", calib: dict[str, np.ndarray] | None = None,
-                  scope: str = "per-layer", ignore=(), min_params: int = 1024) -> SparsifyPass:
-    return SparsifyPass(sparsity, pattern, calib, scope, ignore, min_params)
+                  scope: str = "per-layer", ignore=(), min_params: int = 1024, sequential: bool = True,
+                  damp: float = 0.01) -> SparsifyPass:
+    return SparsifyPass(sparsity, pattern, calib, scope, ignore, min_params, sequential, damp)
 
 
 __all__ = ["METADATA_KEY", "SparsifyPass", "find_weights", "make_sparsify", "read_annotation", "sparsegpt",
