@@ -226,13 +226,19 @@ class Contraction(CPUScheduleRule):
 
         # Accumulate in a local tile; the epilogue reads the tile and writes the function's output.
         write_back = sch.cache_write(red, 0, "local")
-        if epilogue:
+        inlined = False
+        if epilogue and _same_shape(sch.get(epilogue[0]).writes[0], stmt.writes[0]):
+            # (An epilogue writing fewer elements than the reduction - a slice dropping padded channels - is
+            # never inlined: TVM would inline it over the reduction's whole domain without a bound check.)
             try:
                 sch.reverse_compute_inline(epilogue[0])
+                inlined = True
             except Exception:  # noqa: BLE001
-                sch.reverse_compute_at(epilogue[0], outer[-1])
-                _vectorize_tail(sch, epilogue[0], lanes)
+                pass
         sch.reverse_compute_at(write_back, outer[-1])
+        if epilogue and not inlined:
+            sch.reverse_compute_at(epilogue[0], outer[-1])
+            _vectorize_tail(sch, epilogue[0], lanes)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         if work >= MIN_PARALLEL_WORK:
             sch.parallel(fused)
@@ -250,6 +256,10 @@ class Contraction(CPUScheduleRule):
         for p in pads:
             _schedule_spatial(sch, p, lanes)
         return sch
+
+
+def _same_shape(a: tirx.BufferRegion, b: tirx.BufferRegion) -> bool:
+    return [int(d) for d in a.source.shape] == [int(d) for d in b.source.shape]
 
 
 def _buffer_bytes(buf: tirx.Buffer) -> int:

@@ -149,6 +149,24 @@ def test_functions_are_scheduled():
     assert "T.int64(3), T.int64(3), T.int64(16), T.int64(32)" in text
 
 
+def test_odd_channel_counts_are_padded_to_whole_vectors():
+    """116 output channels (ShuffleNet) are computed as 128 with full-width vectors, then sliced."""
+    from sparsecc.codegen.layout import padded_channels
+
+    lanes = cpu_schedule.vector_lanes(_target())
+    assert padded_channels(116, 16) == 128 and padded_channels(58, 4) == 60
+    assert padded_channels(10, 16) == 10 and padded_channels(464, 16) == 464  # below a vector; whole vectors
+    inits: dict[str, np.ndarray] = {}
+    nodes = [_conv("c", "x", 24, 116, 1, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [1, 24, 14, 14], [1, 116, 14, 14], inits)
+    mod = _scheduled_module(model)
+    conv = next(f for gv, f in mod.functions_items() if "conv2d" in gv.name_hint)
+    text = conv.script()
+    assert f"T.int64({padded_channels(116, lanes)})), \"float32\")" in text  # the padded weight
+    assert f"T.vectorized(T.int64({lanes}))" in text
+    _check(model, [1, 24, 14, 14])
+
+
 def test_choose_cols_uses_whole_vectors():
     assert cpu_schedule.choose_cols(256, 16) == 32
     assert cpu_schedule.choose_cols(144, 16) == 48
