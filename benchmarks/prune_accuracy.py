@@ -1,8 +1,10 @@
 """Top-1 accuracy of the trained zoo models after structured pruning, without fine-tuning.
 
 For every criterion x ratio: prune with `PrunePass` (calibration data for `activation`, and for `obspa` both
-with calibration data and data-free), run the pruned ONNX model in ONNX Runtime on the held-out digits test
-set, and write a markdown table (and JSON) of top-1 accuracy, drop vs. the dense model and parameters kept.
+with calibration data and data-free; attention mode `auto`, the default), run the pruned ONNX model in ONNX
+Runtime on the held-out digits test set, and write a markdown table (and JSON) of top-1 accuracy, drop vs. the
+dense model and parameters kept. The ratio is the fraction of channels of every prunable group (uniform rows)
+or of the prunable groups' parameters (`global` rows).
 
     python benchmarks/prune_accuracy.py [--models digits_cnn ...] [--ratios 0.1 0.3 0.5 0.7] [--out DIR]
 """
@@ -73,6 +75,7 @@ def run(models: list[str], ratios: list[float], batch: int, global_ranking: bool
                         "drop": base - acc,
                         "channels_removed": 1 - s["channels_after"] / max(1, s["channels_before"]),
                         "params": s["params_after"] / s["params_before"],
+                        "attention": s["attention"],
                         "seconds": round(seconds, 2),
                     }
                 )
@@ -87,7 +90,9 @@ def to_markdown(rows: list[dict], ratios: list[float]) -> str:
     lines = []
     for name in dict.fromkeys(r["model"] for r in rows):
         dense = next(r for r in rows if r["model"] == name and r["setting"] == "dense")
-        lines.append(f"\n### {name} (dense top-1 {dense['top1'] * 100:.1f}%)\n")
+        modes = sorted({r["attention"] for r in rows if r["model"] == name and "attention" in r})
+        attention = f", attention `{'/'.join(modes)}`" if modes != ["heads"] else ""
+        lines.append(f"\n### {name} (dense top-1 {dense['top1'] * 100:.1f}%{attention})\n")
         lines.append("| criterion | " + " | ".join(f"{int(r * 100)}%" for r in ratios) + " |")
         lines.append("|---" * (len(ratios) + 1) + "|")
         for label, *_ in SETTINGS:

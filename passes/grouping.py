@@ -90,6 +90,7 @@ class GroupAnalysis:
     labels: dict[str, np.ndarray]  # variable name -> label array (raw ids)
     const_axes: dict[str, dict[int, np.ndarray]]  # constant name -> axis -> raw ids
     fixups: list[Fixup]
+    attention: str = "heads"  # the attention mode traced ("auto" resolved)
 
 
 # -------------------------------------------------------------------------------------- union-find
@@ -212,7 +213,9 @@ class _Tracer:
         """Compress axes the labels do not vary on; if several axes vary, the inner ones join the outer
         (attention: (H*D) -> (H, D) prunes whole heads)."""
         roots = self.uf.find(lab)
-        roots = roots[tuple(slice(0, 1) if _constant_along(roots, a) else slice(None) for a in range(lab.ndim))]
+        roots = roots[
+            tuple(slice(0, 1) if _constant_along(roots, a) else slice(None) for a in range(lab.ndim))
+        ]
         vary = varying_axes(roots)
         if len(vary) > 1:
             outer = vary[0]
@@ -556,15 +559,16 @@ def _rule_reshape(tr, node):
 
 def _is_head_split(node: gs.Node, lab: np.ndarray, si: tuple, so: tuple) -> bool:
     """[.., H*D] -> [.., H, D] feeding Transposes only: the multi-head split of an attention layer."""
-    return (
-        node.op == "Reshape"
-        and len(so) == len(si) + 1
-        and tuple(so[:-2]) == tuple(si[:-1])
-        and varying_axes(lab) == [lab.ndim - 1]
-        and so[-2] > 1
-        and bool(node.outputs[0].outputs)
-        and all(c.op == "Transpose" for c in node.outputs[0].outputs)
-    )
+    return _head_count(node, si, so) > 1 and varying_axes(lab) == [lab.ndim - 1]
+
+
+def _head_count(node: gs.Node, si: tuple | None, so: tuple | None) -> int:
+    """H if `node` is a multi-head split [.., H*D] -> [.., H, D] feeding Transposes only, else 0."""
+    if node.op != "Reshape" or si is None or so is None or len(so) != len(si) + 1:
+        return 0
+    if tuple(so[:-2]) != tuple(si[:-1]) or so[-2] <= 1 or not node.outputs[0].outputs:
+        return 0
+    return int(so[-2]) if all(c.op == "Transpose" for c in node.outputs[0].outputs) else 0
 
 
 def _rule_transpose(tr, node):
@@ -799,7 +803,18 @@ def _infer_unresolved_shapes(graph: gs.Graph) -> gs.Graph:
     return gs.import_onnx(proto)
 
 
-ATTENTION_MODES = ("heads", "head_dims")
+ATTENTION_MODES = ("auto", "heads", "head_dims")
+AUTO_MIN_HEADS = 8  # "auto": attention with fewer heads loses head dims, whole heads are too coarse a unit
+
+
+def resolve_attention(attention: str, graph: gs.Graph) -> str:
+    """The attention mode to trace with: `auto` is `head_dims` when some attention layer has fewer than
+    AUTO_MIN_HEADS heads (4 heads: a whole head is 25% of the layer), else `heads`."""
+    if attention != "auto":
+        return attention
+    counts = [_head_count(n, _shape(n.inputs[0]), _shape(n.outputs[0])) for n in graph.nodes]
+    counts = [c for c in counts if c]
+    return "head_dims" if counts and min(counts) < AUTO_MIN_HEADS else "heads"
 
 
 def trace_groups(
@@ -807,10 +822,11 @@ def trace_groups(
 ) -> GroupAnalysis:
     """Trace channel spaces through the graph and return the channel groups. `attention` says what the
     channels of a multi-head split are: whole heads, or head dims (position d of every head, Q/K and V/out
-    as separate groups)."""
+    as separate groups), or `auto` (see `resolve_attention`)."""
     if attention not in ATTENTION_MODES:
         raise BadInput(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     graph = graph if graph is not None else prepare_graph(model)
+    attention = resolve_attention(attention, graph)
     if any(isinstance(v, gs.Constant) for v in graph.inputs):
         raise BadInput(f"{model.source}: graph inputs must not be constants")
     tr = _Tracer(graph, model.source)
@@ -841,7 +857,7 @@ def trace_groups(
         tr.block(tr.lab(t), f"channels reach graph output '{t.name}'")
     const_axes = _resolve_const_uses(tr, graph)
     groups = _build_groups(tr, graph, const_axes)
-    return GroupAnalysis(graph, groups, tr.uf.find, tr.labels, const_axes, tr.fixups)
+    return GroupAnalysis(graph, groups, tr.uf.find, tr.labels, const_axes, tr.fixups, attention)
 
 
 def _resolve_const_uses(tr: _Tracer, graph: gs.Graph) -> dict[str, dict[int, np.ndarray]]:
@@ -946,4 +962,5 @@ def _build_groups(tr: _Tracer, graph: gs.Graph, const_axes: dict) -> list[Channe
 def analyze_groups(model: Model, **options) -> list[dict]:
     """Channel groups of a model as JSON: members, channels, params/FLOPs controlled, prunable or why not."""
     ignore = tuple(options.get("ignore", ()) or ())
-    return [grp.to_json() for grp in trace_groups(model, ignore=ignore).groups]
+    attention = options.get("attention") or "auto"  # the groups `prune` uses by default
+    return [grp.to_json() for grp in trace_groups(model, ignore=ignore, attention=attention).groups]

@@ -7,7 +7,10 @@ the consumer inputs on calibration data, run through ONNX Runtime), and `obspa` 
 of removing the channel from each consumer layer, from the consumer inputs' Gram matrix - calibration data if
 given, else synthetic inputs (`synthetic_inputs`: for a classifier without BatchNorm, prior samples it
 classifies confidently) - followed by a sequential least-squares reconstruction of the consumer weights
-and biases so that accuracy holds without fine-tuning).
+and biases so that accuracy holds without fine-tuning). Channels no weight reads but an activation product
+contracts (attention head dims of Q and K) are charged the error they leave in the centred logits Q.K^T. With
+calibration data, a layer that adds into a residual stream is charged relative to that stream, which is
+what the following LayerNorm normalizes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ DAMP_DATA_FREE = (
     0.03  # synthetic inputs are only a rough picture of the data: stay a bit closer to the weights
 )
 POOL_FACTOR = 16  # data-free: candidate inputs drawn per input kept
+CONTRACTION_ELEMENTS = 1 << 17  # entries of an activation product S kept to score its channels
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -363,7 +367,13 @@ class OBSPA:
                     layers[node.name] = layer
         self.layers = layers
         names = sorted({layer.node.inputs[0].name for layer in layers.values()})
-        self.inputs = run_with_outputs(self.stats_graph, model, names, self.feeds)
+        # LayerNorm-aware (with calibration data): a layer adding into a residual stream that a LayerNorm reads
+        # is charged its error relative to the stream (centred per row, as the LayerNorm sees it), not to its
+        # own output - a small branch on a large stream may change more. Synthetic inputs picture the stream too
+        # roughly for that (measured: it ranks worse data-free)
+        residual = {name: _residual_sum(layer.node) for name, layer in layers.items()}
+        extra = sorted({r for r in residual.values() if r})
+        self.inputs = run_with_outputs(self.stats_graph, model, names + extra, self.feeds)
         self.scores = {}
         by_group: dict[int, np.ndarray] = {
             g.id: np.zeros(len(g.channels)) for g in analysis.groups if g.prunable
@@ -375,6 +385,8 @@ class OBSPA:
             h = z.T @ z / len(z)
             wa = np.concatenate([layer.W, layer.bias()[:, None]], axis=1)
             energy = float(np.einsum("ij,jk,ik->", wa, h, wa)) + 1e-12
+            if calib is not None and residual[layer.node.name] in self.inputs:
+                energy = _row_energy(self.inputs[residual[layer.node.name]], len(wa))
             alone, greedy = greedy_obs_errors(layer.W, np.linalg.inv(_damped(h)), layer.roots, energy)
             for g in analysis.groups:
                 if g.id in by_group and alone:
@@ -384,6 +396,24 @@ class OBSPA:
                         by_group[g.id] += add
                         by_group_greedy[g.id] += _scatter(g, roots, np.array([greedy[int(r)] for r in roots]))
                         seen[g.id] = True
+        # channels no weight reads, only an activation product contracts (attention Q.K^T head dims): scored
+        # by the relative error of the attention logits, in greedy order too
+        pending = [g for g in analysis.groups if g.id in by_group and not seen[g.id]]
+        products = [
+            (a, b, roots, [g for g in pending if np.isin(roots, g.channels).any()])
+            for a, b, roots in _contractions(analysis)
+        ]
+        products = [p for p in products if p[3]]
+        acts = run_with_outputs(
+            self.stats_graph, model, sorted({n for p in products for n in p[:2]}), self.feeds
+        )
+        for a_name, b_name, roots, groups in products:
+            alone, greedy = contraction_errors(acts[a_name], acts[b_name], roots, self.rng)
+            keys = np.array(list(alone), dtype=np.int64)
+            for g in groups:
+                by_group[g.id] += _scatter(g, keys, np.array([alone[int(r)] for r in keys]))
+                by_group_greedy[g.id] += _scatter(g, keys, np.array([greedy[int(r)] for r in keys]))
+                seen[g.id] = True
         # global ranking compares greedy (compensated, cumulative) costs across layers; uniform ranking
         # orders each group by the error of removing a channel alone
         self.global_scores = {}
@@ -425,14 +455,100 @@ class OBSPA:
             _write_layer(masked, _find_node(masked, name), w_new, bias)
 
     def _masked_graph(self, pruned_arr: np.ndarray) -> gs.Graph:
-        """A copy of the graph where pruned inputs of every consumer read zero weights (= the pruned model)."""
+        """A copy of the graph computing what the pruned model computes: pruned inputs of every consumer read
+        zero weights, and every weight, bias and norm parameter of a pruned channel is zero (channels only
+        an activation product reads, such as attention head dims, are gone too)."""
         g = self.stats_graph.copy()
         for node in g.nodes:
             if node.name in self.layers:
                 layer = self.layers[node.name]
                 w = np.where(np.isin(layer.roots, pruned_arr)[None, :], 0.0, layer.W)
                 _write_layer(g, node, w, np.zeros(0) if node.op == "MatMul" else layer.bias())
+        for name, t in g.tensors().items():
+            for axis, raw in self.analysis.const_axes.get(name, {}).items():
+                if isinstance(t, gs.Constant):
+                    gone = np.isin(self.analysis.find(raw), pruned_arr)
+                    if gone.any():
+                        shape = [1] * t.values.ndim
+                        shape[axis] = -1
+                        t.values = np.where(gone.reshape(shape), 0, t.values).astype(t.values.dtype)
         return g
+
+
+def _residual_sum(node: gs.Node) -> str | None:
+    """The residual stream a layer's output is added into (through its own `+ bias`), if a LayerNorm reads
+    that stream."""
+    t = node.outputs[0]
+    for _ in range(2):
+        if len(t.outputs) != 1 or t.outputs[0].op != "Add":
+            return None
+        add = t.outputs[0]
+        other = [x for x in add.inputs if x is not t]
+        if len(other) == 1 and not isinstance(other[0], gs.Constant):
+            stream = add.outputs[0]
+            return stream.name if any(c.op == "LayerNormalization" for c in stream.outputs) else None
+        t = add.outputs[0]
+    return None
+
+
+def _row_energy(x: np.ndarray, width: int) -> float:
+    """Mean squared norm of the rows of a [.., width] tensor, centred per row (what a LayerNorm sees)."""
+    rows = x.reshape(-1, width).astype(np.float64)
+    return float(((rows - rows.mean(axis=1, keepdims=True)) ** 2).sum(axis=1).mean()) + 1e-12
+
+
+def _contractions(analysis: GroupAnalysis) -> list[tuple[str, str, np.ndarray]]:
+    """(A, B, root per contracted position) of every activation @ activation MatMul that contracts over
+    channels (attention scores Q.K^T when head dims are the channels)."""
+    out = []
+    for node in analysis.graph.nodes:
+        if node.op != "MatMul" or any(isinstance(t, gs.Constant) for t in node.inputs):
+            continue
+        lab = analysis.labels.get(node.inputs[0].name)
+        if lab is not None and varying_axes(lab) == [lab.ndim - 1]:
+            roots = analysis.find(axis_ids(lab, lab.ndim - 1))
+            out.append((node.inputs[0].name, node.inputs[1].name, roots))
+    return out
+
+
+def contraction_errors(
+    a: np.ndarray, b: np.ndarray, roots: np.ndarray, rng: np.random.Generator
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Removal cost of each channel contracted by S = A @ B, relative to the energy of S: alone, and in
+    greedy order (cheapest next channel given those already gone, running maximum), as `greedy_obs_errors`
+    does for weights. S is centred along its last axis first: a Softmax over it ignores a shift per row."""
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    k = a.shape[-1]
+    a2 = np.broadcast_to(a, lead + a.shape[-2:]).reshape(-1, a.shape[-2], k).astype(np.float64)
+    b2 = np.broadcast_to(b, lead + b.shape[-2:]).reshape(-1, k, b.shape[-1]).astype(np.float64)
+    rows = max(1, min(a2.shape[0], CONTRACTION_ELEMENTS // max(1, a2.shape[1] * b2.shape[2])))
+    pick = np.sort(rng.choice(a2.shape[0], rows, replace=False))
+    a2, b2 = a2[pick], b2[pick]
+    units = [(int(r), np.nonzero(roots == r)[0]) for r in np.unique(roots[roots >= 0])]
+    parts = []
+    for _, idx in units:  # each unit's share of S, centred per row
+        s = a2[..., idx] @ b2[:, idx, :]
+        parts.append((s - s.mean(axis=-1, keepdims=True)).ravel())
+    c = np.stack(parts)
+    full = a2 @ b2
+    energy = float(((full - full.mean(axis=-1, keepdims=True)) ** 2).sum()) + 1e-12
+    gram = c @ c.T
+    alone = {r: float(gram[i, i]) / energy for i, (r, _) in enumerate(units)}
+    greedy: dict[int, float] = {}
+    left = list(range(len(units)))
+    cross = np.zeros(len(units))  # <E, C_u> with E the sum of the removed parts
+    err, last = 0.0, 0.0
+    chunk = max(1, len(units) // 64)
+    while left:
+        cost = err + 2 * cross[left] + np.diag(gram)[left]
+        for i in np.argsort(cost, kind="stable")[:chunk]:
+            u = left[i]
+            err += 2 * cross[u] + gram[u, u]
+            cross += gram[u]
+            last = max(last, err)
+            greedy[units[u][0]] = last / energy
+        left = [u for u in left if units[u][0] not in greedy]
+    return alone, greedy
 
 
 def greedy_obs_errors(

@@ -236,7 +236,7 @@ class PrunePass:
         ignore: tuple[str, ...] = (),
         max_layer_ratio: float = 0.9,
         seed: int = 0,
-        attention: str = "heads",
+        attention: str = "auto",
     ):
         try:
             ratio = float(ratio)
@@ -286,7 +286,7 @@ class PrunePass:
             "criterion": self.criterion,
             "ratio": self.selection.ratio,
             "global": self.selection.global_ranking,
-            "attention": self.attention,
+            "attention": analysis.attention,
             "groups": len(analysis.groups),
             "groups_prunable": len(prunable),
             "groups_pruned": sum(1 for g in prunable if any(int(r) in pruned for r in g.channels)),

@@ -51,11 +51,12 @@ NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore ./sparsec
 
 
 AttentionOpt = Annotated[str, typer.Option("--attention", help=(
-    "What attention layers lose: heads (whole heads) | head_dims (the same dims of every head)."))]
+    "What attention layers lose: auto (head dims when a layer has fewer than 8 heads, else whole heads) | "
+    "heads | head_dims (the same dims of every head)."))]
 
 
 def _prune_options(criterion: str, round_to: int, global_: bool, ignore: list[str] | None,
-                   max_layer_ratio: float, attention: str = "heads") -> dict[str, Any]:
+                   max_layer_ratio: float, attention: str = "auto") -> dict[str, Any]:
     return {"criterion": criterion, "round_to": round_to, "global_ranking": global_,
             "ignore": tuple(ignore or ()), "max_layer_ratio": max_layer_ratio, "attention": attention}
 
@@ -126,7 +127,7 @@ def compile_cmd(
     global_: GlobalOpt = False,
     ignore: IgnoreOpt = None,
     max_layer_ratio: MaxLayerOpt = 0.9,
-    attention: AttentionOpt = "heads",
+    attention: AttentionOpt = "auto",
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = "unstructured",
     sweep: Annotated[bool, typer.Option("--sweep/--no-sweep", help="With --calib: report fidelity vs ratio "
@@ -222,7 +223,7 @@ def bench_cmd(
     global_: GlobalOpt = False,
     ignore: IgnoreOpt = None,
     max_layer_ratio: MaxLayerOpt = 0.9,
-    attention: AttentionOpt = "heads",
+    attention: AttentionOpt = "auto",
     sparsity: SparsityOpt = None,
     pattern: PatternOpt = "unstructured",
     mcpu: McpuOpt = None,
@@ -350,7 +351,7 @@ def prune_cmd(
     global_: GlobalOpt = False,
     ignore: IgnoreOpt = None,
     max_layer_ratio: MaxLayerOpt = 0.9,
-    attention: AttentionOpt = "heads",
+    attention: AttentionOpt = "auto",
     shape: ShapeOpt = None,
     batch: Annotated[int | None, typer.Option(help="Value for a dynamic leading batch dim.", min=1)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,

@@ -9,7 +9,8 @@ from prune_graphs import Net, assert_exact_pruning, groups_of, random_feeds, run
 from sparsecc.errors import BadInput
 from sparsecc.ir import load_model
 from sparsecc.models.builders import build_transformer
-from sparsecc.passes.grouping import ATTENTION_MODES
+from sparsecc.passes.grouping import ATTENTION_MODES, trace_groups
+from sparsecc.passes.importance import OBSPA, contraction_errors
 from sparsecc.passes.prune import PrunePass
 
 S, D, H = 5, 16, 4
@@ -127,7 +128,8 @@ def test_zoo_transformer_ratio_zero_is_identity_in_both_modes():
 def test_zoo_transformer_pruned_heads_and_dims_give_valid_smaller_models():
     model = load_model(build_transformer(batch=2, seq=S, d_model=D, heads=H, ff=12))
     feeds = random_feeds(model)
-    for mode, split in (("heads", (2, S, H // 2, D // H)), ("head_dims", (2, S, H, D // H // 2))):
+    modes = (("heads", (2, S, H // 2, D // H)), ("head_dims", (2, S, H, D // H // 2)))
+    for mode, split in modes + (("auto", (2, S, H, D // H // 2)),):  # 4 heads: auto prunes head dims
         p = PrunePass(0.5, "l2", attention=mode)
         out = p(model)
         onnx.checker.check_model(out.proto, full_check=True)
@@ -141,3 +143,46 @@ def test_zoo_transformer_pruned_heads_and_dims_give_valid_smaller_models():
 def test_unknown_attention_mode_is_refused():
     with pytest.raises(BadInput, match="attention"):
         PrunePass(0.5, attention="rows")
+
+
+@pytest.mark.parametrize("heads, expected", [(4, "head_dims"), (8, "heads")])
+def test_auto_prunes_head_dims_when_heads_are_few(heads, expected):
+    model = load_model(build_transformer(batch=2, seq=S, d_model=32, heads=heads, ff=12))
+    p = PrunePass(0.5, "l2")  # attention="auto" is the default
+    out = p(model)
+    assert p.summary["attention"] == expected
+    split = [s for s in reshape_shapes(out) if len(s) == 4]
+    per_head = 32 // heads
+    want = (2, S, heads, per_head // 2) if expected == "head_dims" else (2, S, heads // 2, per_head)
+    assert split == [want] * 6
+
+
+def test_contraction_errors_measure_the_centred_logits_a_head_dim_carries():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 2, 5, 4))  # [B, H, S, D] queries
+    b = rng.normal(size=(3, 2, 4, 5))  # [B, H, D, S] keys, transposed
+    a[..., 1] = 0.0  # dim 1 contributes nothing to the logits
+    b[:, :, 3, :] = 7.0  # dim 3 adds the same logit to every key: a Softmax does not see it
+    roots = np.array([10, 11, 12, 13])
+    alone, greedy = contraction_errors(a, b, roots, rng)
+    assert alone[11] == 0.0 and alone[13] < 1e-12
+    order = sorted(greedy, key=greedy.get)
+    assert set(order[:2]) == {11, 13} and greedy[order[-1]] == pytest.approx(1.0)  # all gone: all of S
+    s = a[..., [0, 2]] @ b[:, :, [0, 2], :]
+    s -= s.mean(axis=-1, keepdims=True)
+    part = a[..., [0]] @ b[:, :, [0], :]
+    part -= part.mean(axis=-1, keepdims=True)
+    assert alone[10] == pytest.approx((part**2).sum() / (s**2).sum())
+
+
+def test_obspa_scores_query_key_dims_by_their_logits():
+    """Head-dim groups read only by Q.K^T get OBS-comparable scores (relative logit error in [0, 1]), not the
+    magnitude fallback, so global ranking can weigh them against the other layers."""
+    model = load_model(build_transformer(batch=2, seq=S, d_model=D, heads=H, ff=12))
+    analysis = trace_groups(model, attention="head_dims")
+    scorer = OBSPA(model, analysis, None, 0)
+    qk = [g for g in analysis.groups if g.prunable and len(g.sources) == 2]
+    assert len(qk) == 2
+    for g in qk:
+        s = scorer.global_scores[g.id]
+        assert np.all(s >= 0) and np.all(s <= 1 + 1e-9) and s.max() == pytest.approx(1.0)

@@ -51,3 +51,21 @@ def test_obspa_with_calibration_keeps_accuracy_at_half_the_channels():
     pruned = p(m)
     assert p.summary["channels_after"] <= 0.5 * p.summary["channels_before"] + 1
     assert top1(m) - top1(pruned) <= 0.01
+
+
+def test_obspa_global_with_calibration_keeps_transformer_accuracy_at_half_the_params():
+    """4 heads per layer: `auto` prunes head dims; half the prunable parameters go within 1 point top-1."""
+    m = trained("digits_transformer", batch=64)
+    x, y = test_data("digits_transformer")
+    n = len(x) // 64 * 64
+
+    def top1(model):
+        return accuracy(
+            np.concatenate([run(model, {"input": x[i : i + 64]})[0] for i in range(0, n, 64)]), y[:n]
+        )
+
+    p = PrunePass(0.5, "obspa", calib_data("digits_transformer"), global_ranking=True)
+    pruned = p(m)
+    assert p.summary["attention"] == "head_dims"
+    assert p.summary["params_after"] <= 0.55 * p.summary["params_before"]
+    assert top1(m) - top1(pruned) <= 0.01
