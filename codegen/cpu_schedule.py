@@ -226,17 +226,13 @@ class Contraction(CPUScheduleRule):
 
         # Accumulate in a local tile; the epilogue reads the tile and writes the function's output.
         write_back = sch.cache_write(red, 0, "local")
-        inlined = False
-        if epilogue and _same_shape(sch.get(epilogue[0]).writes[0], stmt.writes[0]):
-            # (An epilogue writing fewer elements than the reduction - a slice dropping padded channels - is
-            # never inlined: TVM would inline it over the reduction's whole domain without a bound check.)
-            try:
-                sch.reverse_compute_inline(epilogue[0])
-                inlined = True
-            except Exception:  # noqa: BLE001
-                pass
+        sub_region = bool(epilogue) and not _same_shape(sch.get(epilogue[0]).writes[0], stmt.writes[0])
+        if epilogue and not sub_region:
+            sch.reverse_compute_inline(epilogue[0])  # (raises when impossible: the stock schedules take over)
         sch.reverse_compute_at(write_back, outer[-1])
-        if epilogue and not inlined:
+        if sub_region:
+            # An epilogue writing fewer elements than the reduction (a slice dropping padded channels) is
+            # computed beside the tile: TVM would inline it over the whole domain without a bound check.
             sch.reverse_compute_at(epilogue[0], outer[-1])
             _vectorize_tail(sch, epilogue[0], lanes)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]

@@ -28,6 +28,7 @@ from ..sparse import layer_names, rewrite_sparse
 from ..targets import TargetSpec
 from . import toolchain
 from .emit import PARAMS_SECTION, link_wasm
+from .im2col import fast_im2col
 from .pack import pack_dense_weights
 from .plan import StaticPlan, Tensor, plan_static
 from .tune import NodeTuner
@@ -110,7 +111,7 @@ def emit_artifact(mod: tvm.IRModule, target: tvm.target.Target, out_dir: Path, r
     with tempfile.TemporaryDirectory(prefix="sparsecc-wasm-") as tmp:
         work = Path(tmp)
         with ctx.stage("build kernels (wasm32+simd128)", kind="codegen"):
-            plan = _lower(mod, target, work, report, tune_db)
+            plan = _lower(fast_im2col(mod), target, work, report, tune_db)
         with ctx.stage("link model.wasm", kind="codegen"):
             link_wasm(plan, work / "kernels.o", work, out_dir / LIBRARY, tools)
     (out_dir / LOADER).write_text(loader_source(plan, inputs, outputs))

@@ -32,10 +32,11 @@ from . import toolchain
 DB_FILE = "wasm_kernels.json"
 TIMING = Path(__file__).parent / "timing.mjs"
 ROUNDS = 7
+REVISION = 2  # part of every record's key: bumped when the kernels timed for a layer change (e.g. its im2col)
 
 
 def problem_key(problem: cost.LayerProblem) -> str:
-    text = json.dumps([problem.op, repr(problem.key), list(problem.input_shape), problem.m,
+    text = json.dumps([REVISION, problem.op, repr(problem.key), list(problem.input_shape), problem.m,
                        weight_key(problem.weight)])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -103,8 +104,9 @@ class NodeTuner:
         self.timed_layers += 1
         record = {"layer": problem.name, "dense_us": round(times.pop("dense"), 2),
                   "tried": {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])}}
-        self.records[key] = record
-        self._save()
+        if record["tried"]:  # when no sparse kernel built, do not store it: a later compiler may build them
+            self.records[key] = record
+            self._save()
         return record
 
     def _save(self) -> None:

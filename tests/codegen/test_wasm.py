@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tvm
 from onnx import TensorProto, helper, numpy_helper
 
 import sparsecc
@@ -83,6 +84,41 @@ def test_sparse_zoo_model_uses_sparse_kernels_and_matches_ort(name, art_root):
     assert any(d["chosen"] == "sparse" and d["block"] == [4, 1] for d in layers)
     feeds = zoo_feeds(name)
     assert_close(sparsecc.load(path).run(feeds), ort_outputs(path / "model.onnx", feeds))
+    if name == "digits_cnn":  # its sparse 3x3 convs read their rows from the one-kernel im2col
+        assert b"im2col_nhwc" in (path / "model.wasm").read_bytes()
+
+
+@pytest.mark.parametrize("kernel, strides, padding, dilation", [
+    ((3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
+    ((3, 2), [2, 1], [0, 1, 2, 0], [1, 2]),
+    ((2, 3), [1, 2], [0, 0, 0, 0], [2, 1]),
+])
+def test_fast_im2col_computes_the_rows_of_the_relax_im2col(kernel, strides, padding, dilation):
+    from tvm import relax
+
+    from sparsecc.codegen.sparse.rewrite import ConvGeometry
+    from sparsecc.codegen.wasm.im2col import fast_im2col
+
+    shape = (2, 7, 6, 8)  # NHWC
+    geom = ConvGeometry("NHWC", shape[0], shape[3], shape[1], shape[2], *kernel, strides, padding, dilation)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(geom.emit_rows(bb, x))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    fast = fast_im2col(mod)
+    assert "im2col_nhwc" in fast.script() and "concat" not in fast["main"].script()
+    data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+    def run(m):
+        vm = relax.VirtualMachine(tvm.compile(m, target="llvm"), tvm.cpu())
+        return vm["main"](tvm.runtime.tensor(data)).numpy()
+
+    expected = run(mod)
+    assert expected.shape == (geom.m, kernel[0] * kernel[1] * shape[3])
+    np.testing.assert_array_equal(run(fast), expected)
 
 
 def test_kernels_use_wasm_simd(art_root):
