@@ -7,6 +7,8 @@ map first gives users one line naming the node and op (exit 3) instead of a trac
 from __future__ import annotations
 
 import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -31,3 +33,11 @@ def to_relax(model: Model) -> tvm.IRModule:
         return from_onnx(model.proto, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
     except Exception as e:  # the frontend raises a mix of TVMError, ValueError, KeyError, AssertionError
         raise Unsupported(f"{model.source}: TVM cannot import the model: {one_line(e)[:400]}") from None
+
+
+def rewrite_relax_functions(mod: tvm.IRModule, mutator: PyExprMutator) -> tvm.IRModule:
+    """Run a Relax mutator (constructed over `mod`) on every Relax function of `mod`; the rewritten module."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()

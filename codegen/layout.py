@@ -21,6 +21,8 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .frontend import rewrite_relax_functions
+
 CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
@@ -68,11 +70,7 @@ class _ClipRewriter(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="ClipToRelaxOps")
 def clip_to_relax_ops(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    rewriter = _ClipRewriter(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return relax.transform.DeadCodeElimination()(rewrite_relax_functions(mod, _ClipRewriter(mod)))
 
 
 def padded_channels(channels: int, lanes: int) -> int:
@@ -113,11 +111,7 @@ class _ChannelPadder(PyExprMutator):
 def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="PadConvChannels")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        padder = _ChannelPadder(mod, lanes)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                padder.builder_.update_func(gv, padder.visit_expr(func))
-        return padder.builder_.get()
+        return rewrite_relax_functions(mod, _ChannelPadder(mod, lanes))
 
     return _pass
 

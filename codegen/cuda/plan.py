@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..frontend import rewrite_relax_functions
 from ..sparse.kernels import BSRMatrix
 from ..sparse.rewrite import ConvGeometry, const_value, layer_names, static_shape, weight_key
 from .kernels import Sparse24Matrix, bsr_matmul_gpu, holds_2_4, schedule_bsr_gpu, sparse24_matmul
@@ -77,10 +78,7 @@ class _GpuSparseRewriter(PyExprMutator):
         self.records: list[dict[str, Any]] = []
 
     def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return rewrite_relax_functions(self.mod_, self)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)

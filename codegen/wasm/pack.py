@@ -18,6 +18,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..cpu_schedule import choose_tile, vector_lanes, vector_registers
+from ..frontend import rewrite_relax_functions
 
 MIN_WEIGHT_BYTES = 64 * 1024  # below this the weights stay in cache whatever their layout
 
@@ -48,10 +49,7 @@ class _Packer(PyExprMutator):
         self.registers = vector_registers(target)
 
     def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return rewrite_relax_functions(self.mod_, self)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
