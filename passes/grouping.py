@@ -75,7 +75,7 @@ class Fixup:
     """A node whose attributes / shape constants must follow the pruned channels."""
 
     node: gs.Node
-    kind: str  # "conv_group" | "reshape" | "expand" | "resize" | "split" | "slice"
+    kind: str  # "conv_group" | "reshape" | "expand" | "resize" | "split" | "slice" | "rnn"
     axis: int = -1
     lab: np.ndarray | None = None
 
@@ -352,11 +352,23 @@ def _rule_resize(tr, node):
         return
     out_shape = _shape(node.outputs[0])
     in_shape = _shape(node.inputs[0])
-    if out_shape is None or in_shape is None:
+    scales = _resize_scales(node)
+    if out_shape is not None and in_shape is not None:
+        changed = tuple(a for a in range(len(in_shape)) if in_shape[a] != out_shape[a])
+    elif scales is not None and len(scales) == lab.ndim:  # dynamic shapes: the scales say what is resized
+        changed = tuple(int(a) for a in np.nonzero(scales != 1)[0])
+    else:
         return _block_all(tr, node, f"{node.op} '{node.name}' has unknown shapes")
-    changed = tuple(a for a in range(len(in_shape)) if in_shape[a] != out_shape[a])
     if _passthrough(tr, node, changed) is not None:
         tr.fixups.append(Fixup(node, "resize"))
+
+
+def _resize_scales(node: gs.Node) -> np.ndarray | None:
+    """The constant scales of a Resize (input 2) or Upsample (input 1), None when given by sizes or computed."""
+    index = 1 if node.op == "Upsample" else 2
+    t = node.inputs[index] if len(node.inputs) > index else None
+    values = _const_values(t) if t is not None and t.name else None
+    return None if values is None or values.size == 0 else values.ravel()
 
 
 def _rule_elementwise(tr, node):
@@ -458,6 +470,45 @@ def _rule_conv_transpose(tr, node):
         if isinstance(t, gs.Constant):
             tr.use_const(node, t, 0, out, "bias")
     tr.set_out(node, node.outputs[0], out.reshape((1, -1) + (1,) * (w.values.ndim - 2)), "out_channels")
+
+
+RNN_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}  # stacked gate blocks in W, R (rows) and B (twice, W then R)
+
+
+def _rule_rnn(tr, node):
+    """RNN/GRU/LSTM: input channels are columns of W; hidden units open a channel space (unit h of every
+    direction together) that owns rows h of each gate block in W/R/B/P, column h of R and the last axis of
+    Y, Y_h, Y_c. Zero initial states are rewritten at pruning; other non-constant states block."""
+    gates = RNN_GATES[node.op]
+    x, w, r = node.inputs[0], node.inputs[1], node.inputs[2]
+    if not isinstance(w, gs.Constant) or not isinstance(r, gs.Constant):
+        return _block_all(tr, node, f"{node.op} '{node.name}' has non-constant weights")
+    lab = tr.lab(x)
+    if lab is not None and set(varying_axes(lab)) - {lab.ndim - 1}:
+        tr.block(lab, f"{node.op} '{node.name}' input has channels off the feature axis")
+        lab = None
+    tr.use_const(node, w, 2, axis_ids(lab, lab.ndim - 1) if lab is not None else None, "in_features")
+    hidden = tr.fresh(node, int(node.attrs["hidden_size"]))
+    tr.use_const(node, w, 1, np.tile(hidden, gates), "out_features")
+    tr.use_const(node, r, 1, np.tile(hidden, gates), "out_features")
+    tr.use_const(node, r, 2, hidden, "recurrent")
+    per_input = {3: 2 * gates, 7: 3}  # B: W and R biases; P: LSTM peepholes
+    for i, t in enumerate(node.inputs[3:], start=3):
+        if not t.name or i == 4:  # absent, or sequence_lens
+            continue
+        if i in per_input and isinstance(t, gs.Constant):
+            tr.use_const(node, t, 1, np.tile(hidden, per_input[i]), "bias")
+        elif i in (5, 6) and isinstance(t, gs.Constant) and not np.asarray(t.values).any():
+            tr.use_const(node, t, 2, None, "state")  # zeros: rebuilt at the new size
+        elif i in (5, 6) and isinstance(t, gs.Constant):
+            tr.use_const(node, t, 2, hidden, "state")
+        else:
+            tr.block(hidden, f"{node.op} '{node.name}' has a non-constant input '{t.name}'")
+    for t in node.outputs:
+        so = _shape(t)
+        if so is not None and t.name:
+            tr.set_out(node, t, hidden.reshape((1,) * (len(so) - 1) + (-1,)), "out_features")
+    tr.fixups.append(Fixup(node, "rnn", lab=hidden))
 
 
 def _rule_gemm(tr, node):
@@ -754,6 +805,7 @@ RULES = {
     "Conv": _rule_conv,
     "ConvTranspose": _rule_conv_transpose,
     "Gemm": _rule_gemm,
+    **{op: _rule_rnn for op in RNN_GATES},
     "MatMul": _rule_matmul,
     **{op: _rule_reshape for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze")},
     "Transpose": _rule_transpose,
@@ -939,6 +991,8 @@ def _build_groups(tr: _Tracer, graph: gs.Graph, const_axes: dict) -> list[Channe
                     mseen.add(id(m))
                     members.append(m)
         reasons = [tr.uf.blocked[r] for r in roots if r in tr.uf.blocked]
+        if len(roots) == 1 and not reasons:  # its label was never traced: nothing to choose from
+            reasons = ["a single channel (every tensor keeps at least one)"]
         params = flop = 0
         rootset = np.array(roots)
         kept_frac: dict[str, float] = {}

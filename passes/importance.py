@@ -225,15 +225,17 @@ class BNScale:
             self.scores[g.id] = s if s.any() else fallback[g.id]
 
 
+# consumer op -> axis of its weight (input 1) that reads the input positions
+INPUT_AXIS = {"Conv": 1, "ConvTranspose": 0, "MatMul": 0, "RNN": 2, "GRU": 2, "LSTM": 2}
+# consumers OBS treats as a linear map on features (the others are scored by magnitude)
+OBS_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def _column_norms(node: gs.Node, n: int) -> np.ndarray:
     """L2 norm of the consumer weight slice that reads each input position (Wanda-style weighting)."""
     w = np.asarray(node.inputs[1].values, dtype=np.float64)
-    if node.op == "Conv":
-        norms = np.sqrt((w**2).sum(axis=(0, *range(2, w.ndim))))
-    elif node.op == "Gemm" and node.attrs.get("transB", 0):
-        norms = np.sqrt((w**2).sum(axis=0))
-    else:
-        norms = np.sqrt((w**2).sum(axis=1))
+    axis = (1 if node.attrs.get("transB", 0) else 0) if node.op == "Gemm" else INPUT_AXIS.get(node.op, 0)
+    norms = np.sqrt(_per_position(w, axis, 2))
     return norms if len(norms) == n else np.ones(n)
 
 
@@ -361,7 +363,7 @@ class OBSPA:
         shared = _shared_constants(analysis.graph)
         layers = {}
         for node, _ in _consumers(analysis):
-            if node.name not in layers and node.inputs[1].name not in shared:
+            if node.op in OBS_OPS and node.name not in layers and node.inputs[1].name not in shared:
                 layer = _Layer(node, analysis)
                 if layer.ok:
                     layers[node.name] = layer

@@ -138,6 +138,16 @@ def _set_const(node: gs.Node, index: int, values: np.ndarray) -> None:
     node.inputs[index] = gs.Constant(f"{node.name}_pruned_{index}", np.asarray(values, dtype=np.int64))
 
 
+def _fix_rnn(node: gs.Node, hidden: int) -> None:
+    """New hidden size; all-zero initial states are rebuilt at it (they may be shared between layers)."""
+    node.attrs["hidden_size"] = hidden
+    for i in (5, 6):
+        t = node.inputs[i] if len(node.inputs) > i else None
+        if isinstance(t, gs.Constant) and not np.asarray(t.values).any():
+            shape = (*t.values.shape[:-1], hidden)
+            node.inputs[i] = gs.Constant(f"{node.name}_state_{i}", np.zeros(shape, t.values.dtype))
+
+
 def _fix_nodes(analysis: GroupAnalysis, pruned: np.ndarray, opset: int) -> None:
     """Attributes and shape constants that must follow the removed channels (before weights are sliced)."""
     for fx in analysis.fixups:
@@ -147,6 +157,8 @@ def _fix_nodes(analysis: GroupAnalysis, pruned: np.ndarray, opset: int) -> None:
             per_group = w.shape[0] // int(node.attrs.get("group", 1))
             kept = int(_keep_mask(analysis, analysis.const_axes[node.inputs[1].name][0], pruned).sum())
             node.attrs["group"] = kept // per_group
+        elif fx.kind == "rnn":
+            _fix_rnn(node, int(_keep_mask(analysis, fx.lab, pruned).sum()))
         elif fx.kind in ("reshape", "expand", "resize"):
             new = _new_shape(analysis, node.outputs[0], pruned)
             index = 1 if fx.kind != "resize" else 3
