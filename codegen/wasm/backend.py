@@ -37,7 +37,8 @@ HERE = Path(__file__).parent
 LOADER = "model.mjs"
 LIBRARY = "model.wasm"
 RUNTIME_KIND = "wasm-node"
-WASM_TARGET = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm", "mattr": ["+simd128"]}
+WASM_TARGET = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm", "mattr": ["+simd128"],
+               "vector-width": 128}  # simd128 (said explicitly: LLVM warns on every query otherwise)
 
 
 def wasm_target() -> TargetSpec:
