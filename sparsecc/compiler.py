@@ -306,8 +306,15 @@ def _passes(opts: CompileOptions, model: Model) -> list[tuple[str, dict[str, Any
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     """Options as recorded in the manifest: arrays (calibration data) are summarised, not embedded."""
-    return {k: (f"<array {list(v.shape)}>" if isinstance(v, np.ndarray) else
-                f"<{len(v)} arrays>" if isinstance(v, dict) else v) for k, v in options.items()}
+    def summary(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return f"<array {list(v.shape)}>"
+        if isinstance(v, dict):
+            arrays = any(isinstance(x, np.ndarray) for x in v.values())
+            return f"<{len(v)} arrays>" if arrays else _jsonable(v)
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: summary(v) for k, v in options.items()}
 
 
 def _versions() -> dict[str, str]:

@@ -140,3 +140,8 @@ def test_compile_with_block_sparsity_uses_sparse_kernels_and_matches_ort(tmp_pat
     weights = onnx.load(tmp_path / "a" / "model.onnx").graph.initializer
     big = [onnx.numpy_helper.to_array(t) for t in weights if t.dims and np.prod(t.dims) >= 256 * 512]
     assert big and all(np.mean(w == 0) >= 0.89 for w in big)
+
+
+def test_manifest_records_target_options(tmp_path, conv_path):
+    art = sparsecc.compile(conv_path, output=tmp_path / "a", target_options={"sparse_options": {"margin": 1.5}})
+    assert art.manifest["options"]["target_options"] == {"sparse_options": {"margin": 1.5}}
