@@ -70,20 +70,21 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def _load_workload(line: str) -> bool:
+def _load_workload(line: str) -> ms.database.Workload | None:
+    """The workload on `line`, or None when TVM's loader would abort on it."""
     try:
-        ms.database.Workload.from_json(json.loads(line))
-        return True
+        return ms.database.Workload.from_json(json.loads(line))
     except Exception:  # noqa: BLE001 - any failure means TVM's loader would abort on this line
-        return False
+        return None
 
 
-def _load_record(line: str, workloads: dict[int, ms.database.Workload]) -> int | None:
-    """The record's new workload index, or None when the line would not load."""
+def _load_record(line: str, workloads: dict[int, tuple[int, ms.database.Workload]]) -> str | None:
+    """The record on `line` renumbered to its workload's new index, or None when it would not load."""
     try:
         index, record = json.loads(line)
-        ms.database.TuningRecord.from_json(record, workloads[index][1])
-        return workloads[index][0]
+        new_index, workload = workloads[index]
+        ms.database.TuningRecord.from_json(record, workload)
+        return json.dumps([new_index, record], separators=(",", ":"))
     except Exception:  # noqa: BLE001
         return None
 
@@ -96,15 +97,11 @@ def repair_database(db_dir: str | Path) -> int:
     kept: list[str] = []
     workloads: dict[int, tuple[int, ms.database.Workload]] = {}
     for i, line in enumerate(old_workloads):
-        if _load_workload(line):
-            workloads[i] = (len(kept), ms.database.Workload.from_json(json.loads(line)))
+        if (workload := _load_workload(line)) is not None:
+            workloads[i] = (len(kept), workload)
             kept.append(line)
     old_records = _lines(path / RECORDS)
-    records = []
-    for line in old_records:
-        index = _load_record(line, workloads)
-        if index is not None:
-            records.append(json.dumps([index, json.loads(line)[1]], separators=(",", ":")))
+    records = [r for r in (_load_record(line, workloads) for line in old_records) if r is not None]
     dropped = len(old_workloads) - len(kept) + len(old_records) - len(records)
     if dropped:
         for name, lines in ((WORKLOADS, kept), (RECORDS, records)):
@@ -115,11 +112,21 @@ def repair_database(db_dir: str | Path) -> int:
     return dropped
 
 
+def _stamp(path: Path) -> str:
+    """Sizes and modification times of the database files ('' when there are none)."""
+    return " ".join(f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in (path / WORKLOADS, path / RECORDS)
+                    if f.is_file())
+
+
 def open_database(db_dir: str | Path) -> ms.database.JSONDatabase:
     """Open (creating) the database; call with the lock held. Bad lines are dropped first."""
-    Path(db_dir).mkdir(parents=True, exist_ok=True)
-    if database_exists(db_dir) or (Path(db_dir) / WORKLOADS).is_file():
-        repair_database(db_dir)
+    path = Path(db_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    checked = path / ".checked"  # the files' stamp when last found clean: no need to decode them again
+    stamp = _stamp(path)
+    if stamp and (not checked.is_file() or checked.read_text() != stamp):
+        repair_database(path)
+        checked.write_text(_stamp(path))
     return ms.database.JSONDatabase(
         path_workload=str(Path(db_dir) / WORKLOADS),
         path_tuning_record=str(Path(db_dir) / RECORDS),
