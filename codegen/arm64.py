@@ -35,7 +35,7 @@ from sparsecc.pipeline import register_target, register_toolchain
 from sparsecc.runtime import register_executor
 
 from .build import LLVMBackend
-from .targets import RAW_LLVM_TARGETS, TargetSpec
+from .targets import RAW_LLVM_TARGETS, TargetSpec, apt_install, run_setup_command
 
 TRIPLE = "aarch64-linux-gnu"
 DEFAULT_MCPU = "cortex-a72"
@@ -80,24 +80,16 @@ def _tools() -> dict[str, str | None]:
 def _install() -> None:
     missing = [p for p, tool in zip(APT_PACKAGES, (CXX, QEMU)) if not shutil.which(tool)]
     if missing:
-        _quiet(["apt-get", "update", "-qq"])
-        _quiet(["apt-get", "install", "-y", "-qq", *missing], env={"DEBIAN_FRONTEND": "noninteractive"})
+        apt_install("arm64", missing)
     if not (runtime_dir() / "lib" / "libtvm_runtime.so").is_file():
         _fetch_runtime(runtime_dir())
-
-
-def _quiet(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise Unsupported(f"arm64 setup: `{' '.join(cmd)}` failed: {tail[0][:300]}")
 
 
 def _fetch_runtime(dest: Path) -> None:
     """The aarch64 wheels of the installed TVM and tvm-ffi versions, unpacked to what the runner needs."""
     with tempfile.TemporaryDirectory() as tmp:
         py = f"{sys.version_info.major}.{sys.version_info.minor}"
-        _quiet([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+        run_setup_command("arm64", [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                 "--platform", "manylinux_2_28_aarch64", "--python-version", py, "-d", tmp,
                 *(f"{dist}=={_version(dist)}" for dist in RUNTIME_FILES)])
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_mkdir(dest.parent)))

@@ -6,7 +6,10 @@ Per-target code is this table of differences; the lowering and build steps are s
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 import tvm
 
-from sparsecc.errors import BadInput, Unsupported
+from sparsecc.errors import BadInput, Unsupported, one_line
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,21 @@ def raw_target(text: str) -> TargetSpec:
     if tgt.get("kind") != "llvm" or "x86_64" not in str(tgt.get("mtriple", "x86_64")):
         raise Unsupported(f"--target: raw target kind '{tgt.get('kind')}' for this host is not supported yet")
     return TargetSpec("raw", tgt)
+
+
+# ------------------------------------------------------------------ external tools (`sparsecc setup`)
+
+def run_setup_command(target: str, cmd: list[str]) -> None:
+    """Run one setup step quietly; a failure is one line naming the step and its last output line."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise Unsupported(f"{target} setup: `{' '.join(cmd)}` failed: {one_line(proc.stderr or proc.stdout)[-300:]}")
+
+
+def apt_install(target: str, packages: list[str]) -> None:
+    """Install Debian packages a target needs (setup runs as root on Debian; elsewhere, say what to install)."""
+    if not shutil.which("apt-get"):
+        raise Unsupported(f"{target} setup: install {' '.join(packages)} (no apt-get on this system)")
+    run_setup_command(target, ["apt-get", "update", "-qq"])
+    run_setup_command(target, ["apt-get", "install", "-y", "-qq", *packages])

@@ -7,14 +7,15 @@ nothing is downloaded at compile or run time.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from sparsecc.errors import Unsupported, one_line
+from sparsecc.errors import Unsupported
+
+from ..targets import apt_install
 
 MIN_NODE = 18
 WASI_LIBC = Path("/usr/lib/wasm32-wasi/libc.a")
@@ -57,21 +58,11 @@ def tools(need: tuple[str, ...] = tuple(TOOLS)) -> dict[str, str]:
     return {t: str(p) for t, p in found.items()}
 
 
-def _apt_install(packages: list[str]) -> None:
-    if not shutil.which("apt-get"):
-        raise Unsupported(f"wasm toolchain: install {' '.join(packages)} (no apt-get on this system)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise Unsupported(f"wasm toolchain: `{' '.join(cmd)}` failed: {one_line(proc.stderr)[-300:]}")
-
-
 def setup(install: bool) -> dict[str, Any]:
     """Check the wasm tools; with `install`, apt-get the missing ones first (idempotent)."""
     missing = [t for t in TOOLS if _find(t) is None]
     if missing and install:
-        _apt_install(sorted({TOOLS[t][1] for t in missing}))
+        apt_install("wasm", sorted({TOOLS[t][1] for t in missing}))
     return {"status": "ready", "tools": tools()}
 
 
