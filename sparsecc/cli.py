@@ -105,8 +105,8 @@ def compile_cmd(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model.")],
     target: Annotated[str, typer.Option("--target", "-t", help=(
-        "cpu (host x86-64), or a TVM target as JSON; several, comma-separated, give one artifact each "
-        "(-o OUT: OUT/<target>)."))] = "cpu",
+        "cpu (host x86-64), arm64, wasm, cuda (or a tag such as nvidia/nvidia-h100), or a TVM target as JSON; "
+        "several, comma-separated, give one artifact each (-o OUT: OUT/<target>)."))] = "cpu",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact directory.")] = None,
     shape: ShapeOpt = None,
     batch: Annotated[int, typer.Option(help="Value for a dynamic leading batch dim.", min=1)] = 1,
