@@ -337,5 +337,19 @@ class Elementwise(CPUScheduleRule):
         return sch
 
 
+def _rules() -> list[CPUScheduleRule]:
+    return [Contraction(), dlight.cpu.Reduction(), Elementwise()]
+
+
+def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+    """The schedule `schedule_passes` gives `func` (None: no rule applies), e.g. to measure it as a tuning
+    candidate."""
+    for rule in _rules():
+        sch = rule.apply(func, target, False)
+        if sch is not None:
+            return sch
+    return None
+
+
 def schedule_passes(target: Target) -> list[tvm.transform.Pass]:
-    return [dlight.ApplyDefaultSchedule(Contraction(), dlight.cpu.Reduction(), Elementwise())]
+    return [dlight.ApplyDefaultSchedule(*_rules())]

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
+import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -190,6 +191,17 @@ def test_tuning_database_is_reused(tmp_path, monkeypatch):
     assert tuning.tune(fused, target, 8, tmp_path) >= 1
     assert shown and "trials" in shown[-1]  # progress beside the build spinner
     assert tuning.database_exists(tmp_path)
+    # Every task's default schedule was measured and recorded beside the searched ones, so the database's
+    # best is never slower than the default.
+    db = tuning.open_database(tmp_path)
+    records = db.get_all_tuning_records()
+    for name, task in tuning._tasks(fused).items():
+        default = cpu_schedule.default_schedule(task["main"], target)
+        if default is None:
+            continue
+        mine = [r for r in records if tvm_ffi.structural_equal(r.workload.mod, task)]
+        assert any(str(r.trace) == str(default.trace) and r.run_secs for r in mine), name
+        assert len(mine) >= 2, name  # and the search measured candidates of its own
     assert tuning.tune(fused, target, 8, tmp_path) == 0  # everything is in the database already
     with target:
         applied = tuning.apply_database(tmp_path)(fused)
