@@ -22,6 +22,11 @@ from .ir import TensorSpec
 # TVM's thread pool pins the calling (Python) thread to one core unless told not to, which silently slows
 # everything else the user's process does afterwards (ONNX Runtime included). Users may still opt in.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
+# Idle pool workers block at once instead of spinning with sched_yield: a spinning worker uses up its CPU
+# share, so on a busy machine it waits a whole time slice before each parallel kernel (a 6 ms model took
+# 65 ms, 5x ONNX Runtime), while a blocked one is woken ahead of other processes. When the machine is idle
+# the wake-up costs about as much as the spin saves. (Measured: benchmarks/results/dense_cpu.md.)
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 class Executor(Protocol):

@@ -146,3 +146,30 @@ def test_running_does_not_pin_the_calling_thread(tmp_path, conv_path):
     runner = sparsecc.compile(conv_path, output=tmp_path / "a", threads=2).load()
     runner.run({"x": np.zeros((1, 3, 16, 16), np.float32)})
     assert os.sched_getaffinity(0) == before
+
+
+_IDLE_CPU = """
+import os, sys, time
+import numpy as np
+import sparsecc
+runner = sparsecc.load(sys.argv[1])
+for _ in range(20):
+    runner.run({"x": np.ones((16, 3, 16, 16), np.float32)})
+before = os.times()
+time.sleep(0.5)
+after = os.times()
+print(after.user + after.system - before.user - before.system)
+"""
+
+
+@pytest.mark.parametrize("spin", [None, "300000"])
+def test_idle_pool_workers_do_not_spin(tmp_path, conv_path, spin):
+    """Between calls the thread pool's workers sleep instead of spinning (a spinning worker waits a whole
+    time slice on a busy machine); the user can still ask TVM to spin."""
+    art = sparsecc.compile(conv_path, output=tmp_path / "a", threads=2, batch=16)
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    if spin:
+        env["TVM_THREAD_POOL_SPIN_COUNT"] = spin
+    cpu = float(subprocess.run([sys.executable, "-c", _IDLE_CPU, str(art.path)], env=env, check=True,
+                               capture_output=True, text=True).stdout)
+    assert (cpu > 0.02) == bool(spin), cpu
