@@ -216,8 +216,11 @@ class Contraction(CPUScheduleRule):
         if n_spatial >= 2:
             row_o, row_i = sch.split(spatial[-2], factors=[None, tile.rows])
             outer = list(spatial[:-2]) + [row_o, col_o]
-            if _weights_dominate(stmt, n_spatial):
-                outer = [col_o] + outer[:-1]  # keep one column block's weights in cache across all rows
+            panel = _panel_tiles(_weight_bytes(stmt, n_spatial), _extent(sch, col_o) or 1)
+            if panel < (_extent(sch, col_o) or 1):
+                # Sweep all rows over one panel of columns at a time: its weights stay in cache.
+                panel_o, col_o = sch.split(col_o, factors=[None, panel])
+                outer = [panel_o] + outer[:-1] + [col_o]
             sch.reorder(*outer, *reduce, row_i, col_v, col_i)
         else:
             row_i = None
@@ -265,22 +268,27 @@ def _buffer_bytes(buf: tirx.Buffer) -> int:
     return n
 
 
-def _weights_dominate(stmt: s_tir.SBlock, n_spatial: int) -> bool:
-    """Whether the operand indexed by the column axis only (the weights) outweighs the row operands."""
+# Weights per column panel: the columns whose weights one sweep over all rows keeps in the core's cache
+# (half of a 1 MiB L2, leaving room for the rows' inputs).
+WEIGHT_PANEL_BYTES = 512 * 1024
+
+
+def _panel_tiles(weight_bytes: int, col_tiles: int) -> int:
+    """Column tiles per panel: the most that divide the column tiles and whose weights fit the panel."""
+    per_tile = weight_bytes / col_tiles
+    return max(d for d in _divisors(col_tiles) if d == 1 or d * per_tile <= WEIGHT_PANEL_BYTES)
+
+
+def _weight_bytes(stmt: s_tir.SBlock, n_spatial: int) -> int:
+    """Bytes of the operands indexed by the column axis and not by the rows (the weights)."""
     iters = [iv.var for iv in stmt.iter_vars]
     col_var, row_vars = iters[n_spatial - 1], set(iters[: n_spatial - 1])
 
     def uses(region, variables) -> bool:
         return any(_mentions(r.min, variables) for r in region)
 
-    weights = inputs = 0
-    for read in stmt.reads:
-        region = read.region
-        if uses(region, row_vars):
-            inputs += _buffer_bytes(read.source)
-        elif uses(region, {col_var}):
-            weights += _buffer_bytes(read.source)
-    return weights > inputs
+    return sum(_buffer_bytes(read.source) for read in stmt.reads
+               if not uses(read.region, row_vars) and uses(read.region, {col_var}))
 
 
 def _mentions(expr: tirx.Expr, variables: set) -> bool:

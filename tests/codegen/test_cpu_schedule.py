@@ -168,6 +168,30 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
     _check(model, [1, 24, 14, 14])
 
 
+def test_weights_larger_than_the_cache_are_swept_in_column_panels():
+    """A 3x3 conv with 2.25 MiB of weights: all rows are swept over one cache-sized panel of columns at a
+    time, and the result still matches ONNX Runtime."""
+    assert cpu_schedule._panel_tiles(4 << 20, 64) == 8            # 64 KiB a tile: 8 tiles fill 512 KiB
+    assert cpu_schedule._panel_tiles(100 << 10, 4) == 4           # small weights: one panel
+    assert cpu_schedule._panel_tiles(8 << 20, 8) == 1             # 1 MiB a tile: one tile at a time
+    def conv_splits(c_in: int) -> int:
+        inits: dict[str, np.ndarray] = {}
+        nodes = [_conv("c", "x", c_in, 256, 3, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+        model = _model(nodes, [2, c_in, 6, 6], [2, 256, 6, 6], inits)
+        target = _target()
+        with target:
+            fused = tvm.transform.Sequential(layout.layout_passes(target) + cpu_generic.legalize_passes(target))(
+                from_onnx(model, keep_params_in_input=False))
+        conv = next(f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint)
+        trace = str(cpu_schedule.default_schedule(conv, target).trace)
+        return model, trace.count("sch.split(")
+
+    model, big = conv_splits(256)  # 2.25 MiB of weights
+    _, small = conv_splits(16)     # 144 KiB: one panel
+    assert big == small + 1
+    _check(model, [2, 256, 6, 6])
+
+
 def test_choose_cols_uses_whole_vectors():
     assert cpu_schedule.choose_cols(256, 16) == 32
     assert cpu_schedule.choose_cols(144, 16) == 48
