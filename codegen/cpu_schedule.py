@@ -124,6 +124,10 @@ def _is_pad(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
 MIN_PARALLEL_WORK = 32768
 
 
+# Parallel loop iterations wanted in a spatial function: many more than threads, for load balance.
+PARALLEL_CHUNKS = 256
+
+
 def _work(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int:
     n = 1
     for loop in sch.get_loops(block):
@@ -148,8 +152,15 @@ def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes
             outer_loop = None
         outer = list(loops[:-1]) + ([outer_loop] if outer_loop is not None else [])
     if outer and parallel:
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(fused)
+        # Fuse only the leading loops that give enough parallel chunks: each fused loop costs a division
+        # and a modulo per iteration, which dominates a copy such as an RGB image's padding (3 channels).
+        lead, n = [], 1
+        for loop in outer:
+            lead.append(loop)
+            n *= _extent(sch, loop) or PARALLEL_CHUNKS
+            if n >= PARALLEL_CHUNKS:
+                break
+        sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
     if vec is not None:
         sch.vectorize(vec)
 

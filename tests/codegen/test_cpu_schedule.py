@@ -150,6 +150,19 @@ def test_functions_are_scheduled():
     assert "T.int64(3), T.int64(3), T.int64(16), T.int64(32)" in text
 
 
+def test_copies_parallelize_only_the_leading_loops():
+    """An RGB image's padding runs in parallel over rows, each row a plain loop nest: fusing every loop
+    would cost a division and a modulo per copied element."""
+    inits: dict[str, np.ndarray] = {}
+    nodes = [_conv("c", "x", 3, 32, 3, stride=2, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [1, 3, 300, 300], [1, 32, 150, 150], inits)
+    conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+    text = conv.script()
+    assert "T.parallel(T.int64(302))" in text, text  # the padded rows
+    assert "T.parallel(T.int64(273612))" not in text  # not all 302 x 302 x 3 elements fused
+    _check(model, [1, 3, 300, 300])
+
+
 def test_odd_channel_counts_are_padded_to_whole_vectors():
     """116 output channels (ShuffleNet) are computed as 128 with full-width vectors, then sliced."""
     from sparsecc.codegen.layout import padded_channels
