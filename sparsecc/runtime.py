@@ -22,11 +22,23 @@ from .ir import TensorSpec
 # TVM's thread pool pins the calling (Python) thread to one core unless told not to, which silently slows
 # everything else the user's process does afterwards (ONNX Runtime included). Users may still opt in.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
-# Idle pool workers block at once instead of spinning with sched_yield: a spinning worker uses up its CPU
-# share, so on a busy machine it waits a whole time slice before each parallel kernel (a 6 ms model took
-# 65 ms, 5x ONNX Runtime), while a blocked one is woken ahead of other processes. When the machine is idle
-# the wake-up costs about as much as the spin saves. (Measured: benchmarks/results/dense_cpu.md.)
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+
+def load_above(per_core: float) -> bool:
+    """Whether the 1-minute load average exceeds `per_core` runnable threads per core this process may use."""
+    try:
+        return os.getloadavg()[0] > per_core * len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return False
+
+
+# Between kernels TVM's idle pool workers spin (sched_yield) before they block. On an idle machine that halves
+# the time of small models at 2 threads (ShuffleNet 4.0 -> 2.0 ms); on a busy one a spinning worker has given
+# its CPU away when the next kernel arrives and starts a time slice late, every kernel (the same model: 6 ->
+# 65 ms), while a blocked worker is woken ahead of other processes. TVM reads the setting once per process,
+# so it is chosen here, from the load when sparsecc is imported; an explicit TVM_THREAD_POOL_SPIN_COUNT wins.
+if load_above(0.75):
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 class Executor(Protocol):

@@ -32,6 +32,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from sparsecc.runtime import load_above
+
 from .kernels import MAX_ACCUMULATOR_FLOATS, BSRMatrix, KernelSpec, bsr_matmul, kernel_arrays
 
 # Block shapes (rows of N x columns of K) tried on every layer, widest SIMD fit first.
@@ -465,10 +467,7 @@ def machine_busy() -> bool:
     """More runnable threads than 1.5x this process's cores: timings taken now say more about the other
     processes than about the kernels (a parallel kernel waits for descheduled workers), so they are used for
     this compile but not recorded for the next."""
-    try:
-        return os.getloadavg()[0] > 1.5 * len(os.sched_getaffinity(0))
-    except (OSError, AttributeError):
-        return False
+    return load_above(1.5)
 
 
 class DecisionCache:
