@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,13 +33,32 @@ def load_above(per_core: float) -> bool:
         return False
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+
+def others_busy(window_s: float = 0.05, share: float = 0.4) -> bool:
+    """Whether other processes keep more than `share` of the machine's CPU time busy right now (sampled over
+    `window_s` while this process sleeps); the load average where /proc/stat is missing."""
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(window_s)
+        total1, idle1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return load_above(0.75)
+    return total1 > total0 and 1.0 - (idle1 - idle0) / (total1 - total0) > share
+
+
 # Between kernels TVM's idle pool workers spin (sched_yield) before they block. On an idle machine that halves
-# the time of small models at 2 threads (ShuffleNet 4.0 -> 2.0 ms); on a busy one a spinning worker has given
-# its CPU away when the next kernel arrives and starts a time slice late, every kernel (the same model: 6 ->
-# 65 ms), while a blocked worker is woken ahead of other processes. TVM reads the setting once per process,
-# so it is chosen here, from the load when sparsecc is imported; an explicit TVM_THREAD_POOL_SPIN_COUNT wins.
-if load_above(0.75):
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+# the time of small models at 2 threads (ShuffleNet 4.0 -> 2.0 ms); when other processes keep the cores
+# busy, a spinning worker has given its CPU away when the next kernel arrives and starts a time slice late,
+# every kernel (the same model: 6 -> 65 ms), while a blocked worker is woken ahead of other processes. TVM
+# reads the setting once per process, so it is chosen here, when sparsecc is imported; an explicit
+# TVM_THREAD_POOL_SPIN_COUNT wins.
+if "TVM_THREAD_POOL_SPIN_COUNT" not in os.environ and others_busy():
+    os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
 
 
 class Executor(Protocol):

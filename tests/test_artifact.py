@@ -151,27 +151,40 @@ def test_running_does_not_pin_the_calling_thread(tmp_path, conv_path):
 _IDLE_CPU = """
 import os, sys, time
 import numpy as np
-os.getloadavg = lambda: (float(sys.argv[2]),) * 3  # the machine's load as sparsecc sees it at import
 import sparsecc
 runner = sparsecc.load(sys.argv[1])
-for _ in range(20):
+for _ in range(5):
     runner.run({"x": np.ones((16, 3, 16, 16), np.float32)})
 before = os.times()
 time.sleep(0.5)
 after = os.times()
-print(after.user + after.system - before.user - before.system)
+print(os.environ.get("TVM_THREAD_POOL_SPIN_COUNT"), after.user + after.system - before.user - before.system)
 """
 
 
-@pytest.mark.parametrize("load,spin,spins", [(99.0, None, False), (0.0, None, True), (99.0, "300000", True)])
-def test_pool_workers_do_not_spin_on_a_busy_machine(tmp_path, conv_path, load, spin, spins):
-    """On a busy machine idle thread-pool workers sleep between calls instead of spinning (a spinning worker
-    starts each kernel a time slice late there); on an idle one they spin (a quicker start); an explicit
-    TVM_THREAD_POOL_SPIN_COUNT wins."""
+def _idle_cpu_after_runs(art, env: dict) -> tuple[str, float]:
+    setting, cpu = subprocess.run([sys.executable, "-c", _IDLE_CPU, str(art.path)], env=env, check=True,
+                                  capture_output=True, text=True).stdout.split()
+    return setting, float(cpu)
+
+
+def test_pool_workers_do_not_spin_on_a_busy_machine(tmp_path, conv_path):
+    """With the cores busy, idle thread-pool workers sleep between calls instead of spinning (a spinning
+    worker starts each kernel a time slice late there)."""
     art = sparsecc.compile(conv_path, output=tmp_path / "a", threads=2, batch=16)
     env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
-    if spin:
-        env["TVM_THREAD_POOL_SPIN_COUNT"] = spin
-    cpu = float(subprocess.run([sys.executable, "-c", _IDLE_CPU, str(art.path), str(load)], env=env, check=True,
-                               capture_output=True, text=True).stdout)
-    assert (cpu > 0.02) == spins, cpu
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.3)
+        setting, cpu = _idle_cpu_after_runs(art, env)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert setting == "0" and cpu < 0.02, (setting, cpu)
+
+
+def test_explicit_spin_count_wins(tmp_path, conv_path):
+    art = sparsecc.compile(conv_path, output=tmp_path / "a", threads=2, batch=16)
+    setting, cpu = _idle_cpu_after_runs(art, {**os.environ, "TVM_THREAD_POOL_SPIN_COUNT": "300000"})
+    assert setting == "300000" and cpu > 0.02, cpu  # the workers spun while the caller slept
