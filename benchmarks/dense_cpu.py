@@ -7,7 +7,7 @@ with the real pipeline (`sparsecc.compile(..., target="cpu")`, verified against 
 
 Each timing runs in its own child process, alternating ORT and ours for `--rounds` rounds; a round's ratio
 compares two medians taken seconds apart, and the table reports the median ratio over rounds. Separate
-processes matter: in one process, the TVM runtime's thread pool (pinned, spinning workers) and ORT's
+processes matter: in one process, the TVM runtime's thread pool (spinning workers) and ORT's
 compete for the same cores and whichever runs second is slowed. Ratio = ORT time / our time (> 1: faster).
 
     python benchmarks/dense_cpu.py                          # all models, batch 1 and 8, untuned
