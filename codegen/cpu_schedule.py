@@ -227,8 +227,9 @@ class Contraction(CPUScheduleRule):
         if n_spatial >= 2:
             row_o, row_i = sch.split(spatial[-2], factors=[None, tile.rows])
             outer = list(spatial[:-2]) + [row_o, col_o]
-            panel = _panel_tiles(_weight_bytes(stmt, n_spatial), _extent(sch, col_o) or 1)
-            if panel < (_extent(sch, col_o) or 1):
+            col_tiles = _extent(sch, col_o) or 1
+            panel = _panel_tiles(_weight_bytes(stmt, n_spatial), col_tiles)
+            if panel < col_tiles:
                 # Sweep all rows over one panel of columns at a time: its weights stay in cache.
                 panel_o, col_o = sch.split(col_o, factors=[None, panel])
                 outer = [panel_o] + outer[:-1] + [col_o]

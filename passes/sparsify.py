@@ -43,7 +43,7 @@ from sparsecc.ir import Model
 from sparsecc.pipeline import PassContext, register_pass
 from sparsecc.verify import check_calibration, load_npz
 
-from .sparsity_patterns import BlockPattern, NMPattern, Pattern, Unstructured, _prune_lowest, parse_pattern
+from .sparsity_patterns import BlockPattern, NMPattern, Pattern, Unstructured, parse_pattern, prune_lowest
 
 METADATA_KEY = "sparsecc.sparsity"
 SCOPES = ("per-layer", "global")
@@ -359,7 +359,7 @@ def sparsegpt(w2: np.ndarray, h: np.ndarray, pattern: Pattern, sparsity: float, 
         scores = w1 ** 2 / (np.diag(hinv1)[None, :] ** 2)
         if isinstance(pattern, Unstructured):  # per-block counts that add up to round(sparsity * N * K)
             goal = int(round(sparsity * w.shape[0] * i2))
-            keep, pruned = _prune_lowest(scores, goal - pruned), goal
+            keep, pruned = prune_lowest(scores, goal - pruned), goal
         else:
             keep = pattern.mask(scores, sparsity)
         err1 = np.zeros_like(w1)
@@ -513,7 +513,7 @@ class SparsifyPass:
         total = max(sum(float(np.sum(b ** 2)) for o in outputs for b in ref[o]), 1e-300)
 
         def change(v: WeightView, w2: np.ndarray, scores: np.ndarray, sparsity: float) -> float:
-            pruned = w2 * self.pattern.expand(_prune_lowest(scores, int(round(sparsity * scores.size))), w2.shape)
+            pruned = w2 * self.pattern.expand(prune_lowest(scores, int(round(sparsity * scores.size))), w2.shape)
             out = calib.activations(outputs, {v.weight: v.from_2d(pruned).astype(weights[v.weight].dtype)})
             return sum(float(np.sum((a - b) ** 2)) for o in outputs for a, b in zip(out[o], ref[o])) / total
 

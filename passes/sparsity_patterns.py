@@ -30,7 +30,7 @@ def _pad_to(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.pad(a, ((0, pn), (0, pk))) if pn or pk else a
 
 
-def _prune_lowest(scores: np.ndarray, count: int) -> np.ndarray:
+def prune_lowest(scores: np.ndarray, count: int) -> np.ndarray:
     """Keep-mask of a flat score array with the `count` lowest entries pruned (stable on ties)."""
     keep = np.ones(scores.size, bool)
     if count > 0:
@@ -51,7 +51,7 @@ class Unstructured:
         return group_keep
 
     def mask(self, scores: np.ndarray, sparsity: float) -> np.ndarray:
-        return _prune_lowest(scores, int(round(sparsity * scores.size)))
+        return prune_lowest(scores, int(round(sparsity * scores.size)))
 
     def holds(self, w2: np.ndarray, sparsity: float = 0.0) -> bool:
         """At least `sparsity` of the elements are zero."""
@@ -85,7 +85,7 @@ class BlockPattern:
 
     def mask(self, scores: np.ndarray, sparsity: float) -> np.ndarray:
         g = self.group_scores(scores)
-        return self.expand(_prune_lowest(g, int(round(sparsity * g.size))), scores.shape)
+        return self.expand(prune_lowest(g, int(round(sparsity * g.size))), scores.shape)
 
     def holds(self, w2: np.ndarray, sparsity: float = 0.0) -> bool:
         """At least `sparsity` of the (edge-padded) blocks are entirely zero."""

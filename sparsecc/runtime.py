@@ -7,6 +7,7 @@ executors for emulated or foreign targets (qemu, node) register themselves from 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -51,16 +52,17 @@ def others_busy(window_s: float = 0.05, share: float = 0.4) -> bool:
     return total1 > total0 and 1.0 - (idle1 - idle0) / (total1 - total0) > share
 
 
+@functools.cache
 def choose_pool_spinning() -> None:
     """Between kernels TVM's idle pool workers spin (sched_yield) before they block. On an idle machine that
     halves the time of small models at 2 threads (ShuffleNet 4.0 -> 2.0 ms); when other processes keep the
     cores busy, a spinning worker has given its CPU away when the next kernel arrives and starts a time slice
     late, every kernel (the same model: 6 -> 65 ms), while a blocked worker is woken ahead of other processes.
-    TVM reads the setting once per process, when its pool first runs, so it is chosen when an artifact is
-    loaded (before the pool runs, unless this process ran kernels already); an explicit
+    TVM reads the setting once per process, when its pool first runs, so it is chosen once, when the first
+    artifact is loaded (before the pool runs, unless this process ran kernels already); an explicit
     TVM_THREAD_POOL_SPIN_COUNT wins."""
-    if "TVM_THREAD_POOL_SPIN_COUNT" not in os.environ:
-        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0" if others_busy() else "300000"  # TVM's default
+    if "TVM_THREAD_POOL_SPIN_COUNT" not in os.environ and others_busy():
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
 
 
 class Executor(Protocol):
