@@ -10,6 +10,9 @@ schedules part-width vectors; such convs get zero output channels added up to a 
 and a slice drops them again (`PadConvChannels`: 116 -> 128 costs 10% more multiply-adds for 4x wider
 vectors).
 
+Channel shuffles (Reshape, Transpose, Reshape: no layout inference) are moved to NHWC afterwards, with the
+splits and concatenations around them (`codegen.shuffle`).
+
 The ONNX frontend emits Clip as opaque `call_tir`s of TOPI maximum/minimum, which layout inference cannot
 see through (every ReLU6 would cost two transposes); `ClipToRelaxOps` turns them back into Relax ops first.
 """
@@ -22,6 +25,7 @@ from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .frontend import rewrite_relax_functions
+from .shuffle import shuffle_to_nhwc
 
 CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
@@ -124,6 +128,7 @@ def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         clip_to_relax_ops,
         relax.transform.DecomposeOpsForInference(),  # batch_norm -> scale/shift, foldable into epilogues
         relax.transform.ConvertLayout(CONV_LAYOUTS),
+        shuffle_to_nhwc,  # layout inference stops at channel shuffles' reshapes
         relax.transform.FoldConstant(),
         pad_conv_channels(vector_lanes(target)),
         relax.transform.CanonicalizeBindings(),
