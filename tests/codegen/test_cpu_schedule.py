@@ -249,3 +249,25 @@ def test_tuning_database_is_reused(tmp_path, monkeypatch):
     ex = compile_module(from_onnx(model, keep_params_in_input=False), target, tune=0, tune_db=str(tmp_path))
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(out, x @ inits["w"].astype(np.float32), rtol=1e-4, atol=1e-4)
+
+
+def _blocks_after_elementwise(make_out) -> int:
+    from tvm import te, topi
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    a, b = te.placeholder((2, 6, 6, 8), name="a"), te.placeholder((2, 6, 6, 8), name="b")
+    func = te.create_prim_func([a, b, make_out(topi, a, b)])
+    sch = cpu_schedule.Elementwise().apply(func, _target(), False)
+    return len(sch.get_child_blocks(get_root_block(sch)))
+
+
+def test_concat_inlined_only_into_permuting_consumers():
+    """A channel concat read through a permutation (ShuffleNet's concat + shuffle) is inlined: one copy, not
+    two; read element for element (DenseNet's concat + BN + ReLU) it stays a vectorized copy; padding stays."""
+    shuffle = lambda topi, a, b: topi.transpose(  # noqa: E731
+        topi.reshape(topi.concatenate([a, b], axis=3), (2, 6, 6, 2, 8)), (0, 1, 2, 4, 3))
+    relu = lambda topi, a, b: topi.nn.relu(topi.concatenate([a, b], axis=3))  # noqa: E731
+    pad = lambda topi, a, b: topi.nn.relu(topi.nn.pad(topi.add(a, b), [0, 1, 1, 0], [0, 1, 1, 0]))  # noqa: E731
+    assert _blocks_after_elementwise(shuffle) == 1
+    assert _blocks_after_elementwise(relu) == 2
+    assert _blocks_after_elementwise(pad) == 2
