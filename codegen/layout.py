@@ -25,6 +25,7 @@ from tvm import relax, s_tir, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .frontend import rewrite_relax_functions
+from .matmul_pad import pad_matmul_columns
 from .shuffle import shuffle_to_nhwc
 
 CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -131,5 +132,6 @@ def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         shuffle_to_nhwc,  # layout inference stops at channel shuffles' reshapes
         relax.transform.FoldConstant(),
         pad_conv_channels(vector_lanes(target)),
+        pad_matmul_columns(vector_lanes(target)),  # pruned widths (447, 241): whole vectors of columns
         relax.transform.CanonicalizeBindings(),
     ]
