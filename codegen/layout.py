@@ -133,5 +133,6 @@ def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),
         pad_conv_channels(vector_lanes(target)),
         pad_matmul_columns(vector_lanes(target)),  # pruned widths (447, 241): whole vectors of columns
+        relax.transform.FastMathTransform(),  # erf (GELU), exp, tanh, softmax: vector code, not scalar libm calls
         relax.transform.CanonicalizeBindings(),
     ]
