@@ -345,8 +345,12 @@ def _vectorize_tail(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
     else:
         sch.vectorize(loops[-1])
     loops = sch.get_loops(block)
-    if len(loops) >= 3 and (_extent(sch, loops[-3]) or 99) <= 16:
-        sch.unroll(loops[-3])
+    if len(loops) >= 3 and (_extent(sch, loops[-3]) or 99) <= 16 and not _is_parallel(sch, loops[-3]):
+        sch.unroll(loops[-3])  # (a parallel loop of few tiles above a one-row tile stays parallel)
+
+
+def _is_parallel(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> bool:
+    return sch.get(loop).kind == tirx.ForKind.PARALLEL
 
 
 class Elementwise(CPUScheduleRule):

@@ -13,20 +13,32 @@ vectors).
 Channel shuffles (Reshape, Transpose, Reshape: no layout inference) are moved to NHWC afterwards, with the
 splits and concatenations around them (`codegen.shuffle`).
 
-The ONNX frontend emits Clip as opaque `call_tir`s of TOPI maximum/minimum, which layout inference cannot
-see through (every ReLU6 would cost two transposes); `ClipToRelaxOps` turns them back into Relax ops first.
+The ONNX frontend emits Clip as opaque `call_tir`s of TOPI maximum/minimum, and HardSwish/HardSigmoid with
+Relax's `clip`, which layout inference cannot see through either (every ReLU6 or HardSwish would cost two
+transposes); `ClipToRelaxOps` turns both into Relax maximum/minimum first.
+
+Sigmoid (SiLU's x * Sigmoid(x), squeeze-excitation gates) legalizes to `exp`, which LLVM leaves as one libm
+`expf` call per vector lane: an EfficientNet conv epilogue took 10x its multiply-adds. After the layout is
+settled, `FastSigmoid` computes it as 1 / (1 + exp(-x)) with TOPI's `fast_exp` (range reduction and a
+polynomial, about 1e-7 relative error; vectorizes), fused into the conv epilogues like any elementwise op.
+
+A batch-1 matmul by a constant weight larger than the caches (VGG's classifier) streams the weight from
+memory on every call; `PackGemvWeights` stores it as column panels, each contiguous over the reduction axis,
+and computes it as a batched matmul whose result is already the (1, n) output in memory.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, s_tir, tirx
+from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .frontend import rewrite_relax_functions
 from .matmul_pad import pad_matmul_columns
 from .shuffle import shuffle_to_nhwc
+from .sparse.cost import DEFAULT_OPTIONS as SPARSE_OPTIONS
+from .sparse.rewrite import static_shape
 
 CONV_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
@@ -58,6 +70,8 @@ class _ClipRewriter(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
+        if call.op == tvm.ir.Op.get("relax.clip"):
+            return _clip_as_max_min(call)
         if call.op != tvm.ir.Op.get("relax.call_tir") or not isinstance(call.args[0], relax.GlobalVar):
             return call
         args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else None
@@ -71,6 +85,17 @@ class _ClipRewriter(PyExprMutator):
         if kind is None or tuple(x.ty.shape) != tuple(call.ty.shape) or x.ty.dtype != bound.value.dtype:
             return call
         return (relax.op.maximum if kind == "maximum" else relax.op.minimum)(x, bound)
+
+
+def _clip_as_max_min(call: relax.Call) -> relax.Expr:
+    """`R.clip(x, lo, hi)` (HardSwish, HardSigmoid) as maximum/minimum with constants: Relax's clip has no
+    layout inference either."""
+    x, lo, hi = call.args
+    dtype = x.ty.dtype
+    if not all(isinstance(b, (tirx.IntImm, tirx.FloatImm)) for b in (lo, hi)) or not str(dtype).startswith("float"):
+        return call
+    bound = lambda b: relax.const(float(b.value), dtype)  # noqa: E731
+    return relax.op.minimum(relax.op.maximum(x, bound(lo)), bound(hi))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipToRelaxOps")
@@ -121,6 +146,72 @@ def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
     return _pass
 
 
+# Weights above this size stream from memory on every batch-1 call (VGG's 25088 x 4096 layer: 411 MB).
+STREAMED_WEIGHT_BYTES = 4 << 20
+
+
+def gemv_panel(n: int, lanes: int) -> int | None:
+    """Columns per contiguous weight panel of a batch-1 matmul: four vectors (the register tile), or None."""
+    return 4 * lanes if n % (4 * lanes) == 0 else None
+
+
+@mutator
+class _GemvPacker(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.matmul") or not isinstance(call.args[1], tvm.ir.Constant):
+            return call
+        x_shape, w = static_shape(call.args[0]), call.args[1].value
+        if x_shape is None or int(np.prod(x_shape[:-1])) != 1 or len(w.shape) != 2 or w.dtype != "float32":
+            return call
+        k, n = (int(d) for d in w.shape)
+        panel = gemv_panel(n, self.lanes)
+        if panel is None or k * n * 4 < STREAMED_WEIGHT_BYTES:
+            return call
+        w = w.numpy()
+        if np.count_nonzero(w) <= (1.0 - SPARSE_OPTIONS["min_sparsity"]) * w.size:
+            return call  # left as a plain matmul for the sparse rewrite to consider (it runs these passes first)
+        packed = np.ascontiguousarray(w.reshape(k, n // panel, panel).transpose(1, 0, 2))
+        y = self.builder_.emit(relax.op.matmul(relax.op.reshape(call.args[0], (1, k)), relax.const(packed)))
+        return relax.op.reshape(y, call.ty.shape)  # (n / panel, 1, panel) is (1, n) in memory
+
+
+def pack_gemv_weights(lanes: int) -> tvm.transform.Pass:
+    """Batch-1 matmuls by large constant weights read them as column panels, each contiguous over k: a
+    [k, n] weight makes every k step jump a whole row to the next 256 bytes, which halves the rate DRAM
+    streams at (VGG's fully connected layers: 24 -> 12 ms)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="PackGemvWeights")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return rewrite_relax_functions(mod, _GemvPacker(mod, lanes))
+
+    return _pass
+
+
+def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
+    e = topi.fast_exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: tirx.const(1, x.dtype) / (tirx.const(1, x.dtype) + e(*i)),
+                      name="fast_sigmoid", tag="elemwise")
+
+
+@mutator
+class _SigmoidRewriter(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op == tvm.ir.Op.get("relax.sigmoid") and call.ty.dtype == "float32":
+            return self.builder_.call_te(_fast_sigmoid, call.args[0], primfunc_name_hint="fast_sigmoid")
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="FastSigmoid")
+def fast_sigmoid(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    return rewrite_relax_functions(mod, _SigmoidRewriter(mod))
+
+
 def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .cpu_schedule import vector_lanes
 
@@ -133,6 +224,8 @@ def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),
         pad_conv_channels(vector_lanes(target)),
         pad_matmul_columns(vector_lanes(target)),  # pruned widths (447, 241): whole vectors of columns
+        pack_gemv_weights(vector_lanes(target)),
+        fast_sigmoid,  # after ConvertLayout: a call_tir has no layout inference
         relax.transform.FastMathTransform(),  # erf (GELU), exp, tanh, softmax: vector code, not scalar libm calls
         relax.transform.CanonicalizeBindings(),
     ]

@@ -271,3 +271,75 @@ def test_concat_inlined_only_into_permuting_consumers():
     assert _blocks_after_elementwise(shuffle) == 1
     assert _blocks_after_elementwise(relu) == 2
     assert _blocks_after_elementwise(pad) == 2
+
+
+def _prim_funcs(model: onnx.ModelProto) -> dict[str, tirx.PrimFunc]:
+    mod = _scheduled_module(model)
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def test_silu_and_squeeze_excitation_use_vectorized_exp():
+    """EfficientNet's conv + SiLU (x * Sigmoid(x)) and squeeze-excitation (global pool, 1x1 convs, Sigmoid,
+    broadcast Mul): the sigmoid is computed with a polynomial exp fused into the conv epilogue, since LLVM
+    turns a vector `exp` into one libm call per lane."""
+    c, inits = 32, {}
+    nodes = [_conv("c1", "x", 16, c, 1, inits=inits), helper.make_node("Sigmoid", ["c1"], ["s1"]),
+             helper.make_node("Mul", ["c1", "s1"], ["a"]),
+             _conv("dw", "a", c, c, 5, group=c, inits=inits), helper.make_node("Sigmoid", ["dw"], ["s2"]),
+             helper.make_node("Mul", ["dw", "s2"], ["b"]),
+             helper.make_node("GlobalAveragePool", ["b"], ["g"]),
+             _conv("se1", "g", c, 8, 1, inits=inits), helper.make_node("Relu", ["se1"], ["r"]),
+             _conv("se2", "r", 8, c, 1, inits=inits), helper.make_node("Sigmoid", ["se2"], ["gate"]),
+             helper.make_node("Mul", ["b", "gate"], ["y"])]
+    model = _model(nodes, [1, 16, 14, 14], [1, c, 14, 14], inits)
+    _check(model, [1, 16, 14, 14])
+    funcs = _prim_funcs(model)
+    convs = {name: f.script() for name, f in funcs.items() if "conv2d" in name}
+    assert sum("fast_sigmoid" in name for name in convs) >= 3, list(convs)  # fused into the three convs
+    for name, text in convs.items():
+        assert "T.exp(" not in text and "T.sigmoid(" not in text, name
+    first = next(text for name, text in convs.items() if "fast_sigmoid" in name and "T.int64(16), T.int64(32)" in text)
+    assert "T.vectorized" in first and "T.parallel" not in first.split("T.vectorized")[1]
+
+
+def test_hard_swish_and_hard_sigmoid_follow_the_conv_layout():
+    """MobileNet-v3's HardSwish and HardSigmoid arrive as Relax `clip`: rewritten to maximum/minimum, they are
+    fused into the conv epilogues in NHWC instead of running between two transposes."""
+    c, inits = 32, {}
+    nodes = [_conv("c1", "x", 8, c, 3, inits=inits), helper.make_node("HardSwish", ["c1"], ["a"]),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+             _conv("se", "g", c, c, 1, inits=inits),
+             helper.make_node("HardSigmoid", ["se"], ["gate"], alpha=1.0 / 6.0, beta=0.5),
+             helper.make_node("Mul", ["a", "gate"], ["y"])]
+    model = _model(nodes, [1, 8, 12, 12], [1, c, 12, 12], inits)
+    _check(model, [1, 8, 12, 12])
+    funcs = _prim_funcs(model)
+    assert not any("clip" in name for name in funcs), list(funcs)
+    transposes = [name for name in funcs if "transpose" in name]
+    assert len(transposes) <= 2, transposes  # only the graph's input and output
+    assert any("conv2d" in name and "maximum" in name and "minimum" in name for name in funcs), list(funcs)
+
+
+def test_batch1_matmul_reads_large_weights_as_contiguous_panels():
+    """A batch-1 Gemm with 4 MiB of weights (VGG's classifier, scaled down) reads them as column panels
+    contiguous over k, in parallel over its panels (a parallel loop of 16 or fewer tiles used to be unrolled
+    instead), and still matches ONNX Runtime."""
+    from sparsecc.codegen.layout import STREAMED_WEIGHT_BYTES, gemv_panel
+
+    lanes = cpu_schedule.vector_lanes(_target())
+    k, n = 1024, STREAMED_WEIGHT_BYTES // (4 * 1024)
+    inits = {"w": RNG.standard_normal((n, k)) * 0.05, "b": RNG.standard_normal(n) * 0.1}
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["y"])]
+    model = _model(nodes, [1, k], [1, n], inits)
+    _check(model, [1, k])
+    panel = gemv_panel(n, lanes)
+    matmul = next(f for name, f in _prim_funcs(model).items() if "matmul" in name)
+    text = matmul.script()
+    assert f"T.int64({n // panel}), T.int64({k}), T.int64({panel})" in text  # the packed weight
+    assert "T.parallel" in text and "T.vectorized" in text
+    # Batch 2 keeps the plain layout, and so does a half-zero weight, left to the sparse rewrite.
+    plain = next(f for name, f in _prim_funcs(_model(nodes, [2, k], [2, n], inits)).items() if "matmul" in name)
+    assert f"T.int64({k}), T.int64({n})" in plain.script()
+    sparse = {**inits, "w": inits["w"] * (RNG.random((n, k)) < 0.5)}
+    plain = next(f for name, f in _prim_funcs(_model(nodes, [1, k], [1, n], sparse)).items() if "matmul" in name)
+    assert f"T.int64({k}), T.int64({n})" in plain.script()
