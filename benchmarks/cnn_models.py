@@ -4,6 +4,11 @@ ResNet-50 (bottlenecks), DenseNet-121 (dense blocks with concatenation and trans
 style network (parallel branches), MobileNet-v2 (inverted residuals, depthwise convs, Clip-as-ReLU6),
 SqueezeNet 1.1 (fire modules, biased convs without BN) and ShuffleNet-v2 (channel split and shuffle).
 `width` scales channels and `size` the input resolution, so tests can build small versions of each.
+
+`EXTRA_CNNS` holds topologies kept out of the default benchmark list (run them by name): EfficientNet-B0
+(MBConv with 3x3/5x5 depthwise convs, SiLU as x * Sigmoid(x), squeeze-excitation), MobileNet-v3-small
+(HardSwish, HardSigmoid squeeze-excitation), ResNet-18 (basic blocks) and VGG-11 (large 3x3 convs, max
+pooling, a 25088 x 4096 fully connected layer).
 """
 
 from __future__ import annotations
@@ -179,6 +184,121 @@ def shufflenet_v2(batch: int = 1, size: int = 224, width: float = 1.0, classes: 
     return g.finish(_head(g, x, 1024, classes), [batch, 3, size, size], [batch, classes])
 
 
+def _silu(g: GraphBuilder, x: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+def _hard_sigmoid(g: GraphBuilder, x: str) -> str:
+    return g.op("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)  # torch's hardsigmoid: relu6(x + 3) / 6
+
+
+_ACTIVATIONS: dict[str, Callable[[GraphBuilder, str], str]] = {
+    "relu": lambda g, x: g.op("Relu", [x]),
+    "silu": _silu,
+    "hswish": lambda g, x: g.op("HardSwish", [x]),
+}
+
+
+def _conv_bn_act(g: GraphBuilder, x: str, c_in: int, c_out: int, k: int, stride: int = 1, group: int = 1,
+                 act: str | None = "relu") -> str:
+    y = g.conv_bn(x, c_in, c_out, k, stride, group, relu=False)
+    return _ACTIVATIONS[act](g, y) if act else y
+
+
+def _squeeze_excite(g: GraphBuilder, x: str, c: int, squeeze: int, act: str, gate: str) -> str:
+    """x * gate(conv(act(conv(GlobalAveragePool(x))))), both 1x1 convs biased (as torchvision's)."""
+    s = _ACTIVATIONS[act](g, _conv_bias_only(g, g.op("GlobalAveragePool", [x]), c, squeeze))
+    s = _conv_bias_only(g, s, squeeze, c)
+    s = g.op("Sigmoid", [s]) if gate == "sigmoid" else _hard_sigmoid(g, s)
+    return g.op("Mul", [x, s])
+
+
+def _conv_bias_only(g: GraphBuilder, x: str, c_in: int, c_out: int) -> str:
+    w = g.const("conv_w", g.he_normal((c_out, c_in, 1, 1), fan_in=c_in))
+    return g.op("Conv", [x, w, g.small_normal("conv_b", (c_out,))], kernel_shape=[1, 1])
+
+
+def efficientnet_b0(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 1000) -> onnx.ModelProto:
+    """EfficientNet-B0: MBConv blocks (expand 1x1, depthwise kxk, squeeze-excitation, project 1x1), SiLU."""
+    g = GraphBuilder("efficientnet_b0", 0)
+    c = _ch(32, width)
+    x = _conv_bn_act(g, "input", 3, c, 3, stride=2, act="silu")
+    for t, k, s, ch, n in [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                           (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]:
+        out = _ch(ch, width)
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hid = c * t
+            y = _conv_bn_act(g, x, c, hid, 1, act="silu") if t != 1 else x
+            y = _conv_bn_act(g, y, hid, hid, k, stride=stride, group=hid, act="silu")
+            y = _squeeze_excite(g, y, hid, max(1, c // 4), "silu", "sigmoid")
+            y = _conv_bn_act(g, y, hid, out, 1, act=None)
+            x = g.op("Add", [x, y]) if (stride == 1 and c == out) else y
+            c = out
+    last = _ch(1280, width)
+    x = _conv_bn_act(g, x, c, last, 1, act="silu")
+    return g.finish(_head(g, x, last, classes), [batch, 3, size, size], [batch, classes])
+
+
+def mobilenet_v3_small(batch: int = 1, size: int = 224, width: float = 1.0,
+                       classes: int = 1000) -> onnx.ModelProto:
+    """MobileNet-v3-small: inverted residuals with ReLU or HardSwish, HardSigmoid squeeze-excitation."""
+    g = GraphBuilder("mobilenet_v3_small", 0)
+    c = _ch(16, width)
+    x = _conv_bn_act(g, "input", 3, c, 3, stride=2, act="hswish")
+    for k, exp, ch, se, act, s in [(3, 16, 16, True, "relu", 2), (3, 72, 24, False, "relu", 2),
+                                   (3, 88, 24, False, "relu", 1), (5, 96, 40, True, "hswish", 2),
+                                   (5, 240, 40, True, "hswish", 1), (5, 240, 40, True, "hswish", 1),
+                                   (5, 120, 48, True, "hswish", 1), (5, 144, 48, True, "hswish", 1),
+                                   (5, 288, 96, True, "hswish", 2), (5, 576, 96, True, "hswish", 1),
+                                   (5, 576, 96, True, "hswish", 1)]:
+        hid, out = _ch(exp, width), _ch(ch, width)
+        y = _conv_bn_act(g, x, c, hid, 1, act=act) if hid != c else x
+        y = _conv_bn_act(g, y, hid, hid, k, stride=s, group=hid, act=act)
+        if se:
+            y = _squeeze_excite(g, y, hid, _ch(hid / 4, 1.0), "relu", "hard_sigmoid")
+        y = _conv_bn_act(g, y, hid, out, 1, act=None)
+        x = g.op("Add", [x, y]) if (s == 1 and c == out) else y
+        c = out
+    last = _ch(576, width)
+    x = _conv_bn_act(g, x, c, last, 1, act="hswish")
+    x = g.op("HardSwish", [g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1), last, 1024)])
+    return g.finish(g.gemm(x, 1024, classes), [batch, 3, size, size], [batch, classes])
+
+
+def resnet18(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 1000) -> onnx.ModelProto:
+    """ResNet-18: basic blocks (two 3x3 convs), 2 per stage."""
+    g = GraphBuilder("resnet18", 0)
+    c = _ch(64, width)
+    x = _maxpool(g, g.conv_bn("input", 3, c, 7, stride=2))
+    for stage in range(4):
+        out = _ch(64 * 2**stage, width)
+        for i in range(2):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            y = g.conv_bn(g.conv_bn(x, c, out, 3, stride=stride), out, out, 3, relu=False)
+            sc = g.conv_bn(x, c, out, 1, stride=stride, relu=False) if (stride != 1 or c != out) else x
+            x, c = g.op("Relu", [g.op("Add", [y, sc])]), out
+    return g.finish(_head(g, x, c, classes), [batch, 3, size, size], [batch, classes])
+
+
+def vgg11(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 1000,
+          hidden: int = 4096) -> onnx.ModelProto:
+    """VGG-11 (torchvision `vgg11`: biased convs, no BN): 3x3 convs and max pooling, then three fully
+    connected layers on the flattened 512 x 7 x 7 map."""
+    g = GraphBuilder("vgg11", 0)
+    x, c, hw = "input", 3, size
+    for item in [64, "pool", 128, "pool", 256, 256, "pool", 512, 512, "pool", 512, 512, "pool"]:
+        if item == "pool":
+            x, hw = _maxpool(g, x, k=2, s=2, pad=0), hw // 2
+            continue
+        out = _ch(item, width)
+        x, c = _conv_bias(g, x, c, out, 3), out
+    x = g.op("Flatten", [x], axis=1)
+    x = g.op("Relu", [g.gemm(x, c * hw * hw, hidden)])
+    x = g.op("Relu", [g.gemm(x, hidden, hidden)])
+    return g.finish(g.gemm(x, hidden, classes), [batch, 3, size, size], [batch, classes])
+
+
 CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet50": resnet50,
     "densenet121": densenet121,
@@ -186,4 +306,12 @@ CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "mobilenet_v2": mobilenet_v2,
     "squeezenet": squeezenet,
     "shufflenet_v2": shufflenet_v2,
+}
+
+# Not in the default benchmark list (`dense_cpu.py` runs them when named): they add minutes to a full run.
+EXTRA_CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
+    "efficientnet_b0": efficientnet_b0,
+    "mobilenet_v3_small": mobilenet_v3_small,
+    "resnet18": resnet18,
+    "vgg11": vgg11,
 }

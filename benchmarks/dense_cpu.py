@@ -1,9 +1,11 @@
 """Dense CPU benchmark: ONNX Runtime vs sparsecc artifacts (untuned, and tuned with `--tune N`).
 
 Models: the zoo's shipped and synthetic models plus standard CNN topologies (`cnn_models.py`: ResNet-50,
-DenseNet-121, Inception, MobileNet-v2, SqueezeNet, ShuffleNet-v2), at batch 1 and 8. Every artifact is built
-with the real pipeline (`sparsecc.compile(..., target="cpu")`, verified against ONNX Runtime) and run with
-`sparsecc.load(...).run(...)`; ONNX Runtime gets the same thread count (`intra_op_num_threads`).
+DenseNet-121, Inception, MobileNet-v2, SqueezeNet, ShuffleNet-v2), at batch 1 and 8; `--models` also takes
+the topologies kept out of the default list (`EXTRA_CNNS`: EfficientNet-B0, MobileNet-v3-small, ResNet-18,
+VGG-11). Every artifact is built with the real pipeline (`sparsecc.compile(..., target="cpu")`, verified
+against ONNX Runtime) and run with `sparsecc.load(...).run(...)`; ONNX Runtime gets the same thread count
+(`intra_op_num_threads`).
 
 Each timing runs in its own child process, alternating ORT and ours for `--rounds` rounds; a round's ratio
 compares two medians taken seconds apart, and the table reports the median ratio over rounds. Separate
@@ -31,7 +33,7 @@ import onnx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cnn_models import CNNS  # noqa: E402
+from cnn_models import CNNS, EXTRA_CNNS  # noqa: E402
 
 
 def zoo_models(batch: int) -> dict[str, onnx.ModelProto]:
@@ -45,8 +47,9 @@ def zoo_models(batch: int) -> dict[str, onnx.ModelProto]:
 
 
 def build(name: str, batch: int) -> onnx.ModelProto:
-    if name in CNNS:
-        return CNNS[name](batch=batch)
+    cnns = {**CNNS, **EXTRA_CNNS}
+    if name in cnns:
+        return cnns[name](batch=batch)
     return zoo_models(batch)[name]
 
 
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     from sparsecc.compiler import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="*", default=None, help=f"default: all of {all_names()}")
+    ap.add_argument("--models", nargs="*", default=None,
+                    help=f"default: all of {all_names()}; also: {list(EXTRA_CNNS)}")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--tune", type=int, default=0, help="also build tuned artifacts with this many trials")
