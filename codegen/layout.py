@@ -35,7 +35,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .frontend import rewrite_relax_functions
-from .matmul_pad import pad_matmul_columns
+from .matmul_pad import pad_matmul_columns, padded_columns
 from .shuffle import shuffle_to_nhwc
 from .sparse.cost import DEFAULT_OPTIONS as SPARSE_OPTIONS
 from .sparse.rewrite import static_shape
@@ -106,9 +106,7 @@ def clip_to_relax_ops(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm
 def padded_channels(channels: int, lanes: int) -> int:
     """The output channel count a conv is computed with: a whole number of vectors. Part-vectors cost as
     many instructions as whole ones (24 channels: three half-width FMAs per row, two when padded to 32)."""
-    if channels < lanes or channels % lanes == 0:
-        return channels
-    return -(-channels // lanes) * lanes
+    return padded_columns(channels, lanes)
 
 
 @mutator
