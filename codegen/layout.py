@@ -35,7 +35,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .frontend import rewrite_relax_functions
-from .matmul_pad import pad_matmul_columns, padded_columns
+from .matmul_pad import constant_weight, pad_matmul_columns, padded_columns
 from .shuffle import shuffle_to_nhwc
 from .sparse.cost import DEFAULT_OPTIONS as SPARSE_OPTIONS
 from .sparse.rewrite import static_shape
@@ -161,10 +161,9 @@ class _GemvPacker(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.matmul") or not isinstance(call.args[1], tvm.ir.Constant):
-            return call
-        x_shape, w = static_shape(call.args[0]), call.args[1].value
-        if x_shape is None or int(np.prod(x_shape[:-1])) != 1 or len(w.shape) != 2 or w.dtype != "float32":
+        w = constant_weight(call)
+        x_shape = static_shape(call.args[0]) if w is not None else None
+        if x_shape is None or int(np.prod(x_shape[:-1])) != 1:
             return call
         k, n = (int(d) for d in w.shape)
         panel = gemv_panel(n, self.lanes)

@@ -25,6 +25,14 @@ def padded_columns(columns: int, lanes: int) -> int:
     return -(-columns // lanes) * lanes
 
 
+def constant_weight(call: relax.Call) -> tvm.runtime.Tensor | None:
+    """The [k, n] float32 constant weight of `relax.matmul(x, W)`, or None for any other call."""
+    if call.op != tvm.ir.Op.get("relax.matmul") or not isinstance(call.args[1], tvm.ir.Constant):
+        return None
+    w = call.args[1].value
+    return w if len(w.shape) == 2 and w.dtype == "float32" else None
+
+
 @mutator
 class _ColumnPadder(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int):
@@ -33,17 +41,15 @@ class _ColumnPadder(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.matmul") or not isinstance(call.args[1], tvm.ir.Constant):
+        w = constant_weight(call)
+        if w is None:
             return call
-        w = call.args[1].value.numpy()
-        if w.ndim != 2 or w.dtype != np.float32:
-            return call
-        k, n = w.shape
+        k, n = (int(d) for d in w.shape)
         padded = padded_columns(n, self.lanes)
         if padded == n:
             return call
-        wide = np.zeros((k, padded), w.dtype)
-        wide[:, :n] = w
+        wide = np.zeros((k, padded), np.float32)
+        wide[:, :n] = w.numpy()
         y = self.builder_.emit(relax.op.matmul(call.args[0], relax.const(wide), call.attrs.out_dtype or None))
         axis = len(call.ty.shape.values) - 1
         return relax.op.strided_slice(y, [axis], [0], [n])
