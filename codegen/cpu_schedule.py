@@ -102,6 +102,12 @@ def choose_tile(m: int, n: int, lanes: int, registers: int) -> Tile:
     return Tile(rows=rows, cols=cols)
 
 
+def column_tile(m: int, n: int, target: Target) -> int:
+    """Output columns per register tile that `Contraction` gives an m x n output plane on `target` (the
+    panel width that weights are packed with)."""
+    return choose_tile(m, n, vector_lanes(target), vector_registers(target)).cols
+
+
 def _simple_loop_nest(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     """Whether the block's loops bind its iter vars one to one, in order (what legalization emits)."""
     stmt = sch.get(block)

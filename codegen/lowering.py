@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from . import cpu_schedule, layout, tuning
+from . import conv_pack, cpu_schedule, layout, tuning
 
 
 def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None = None) -> tvm.transform.Pass:
@@ -29,6 +29,7 @@ def lowering_passes(target: tvm.target.Target, tune: int = 0, tune_db: str | Non
     destination-passing style."""
     return (
         layout.layout_passes(target)
+        + [conv_pack.pack_conv_weights(target)]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
         + tuning.tuning_passes(target, tune, tune_db)
