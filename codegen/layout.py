@@ -22,8 +22,8 @@ Sigmoid (SiLU's x * Sigmoid(x), squeeze-excitation gates) legalizes to `exp`, wh
 settled, `FastSigmoid` computes it as 1 / (1 + exp(-x)) with TOPI's `fast_exp` (range reduction and a
 polynomial, about 1e-7 relative error; vectorizes), fused into the conv epilogues like any elementwise op.
 
-A batch-1 matmul by a constant weight larger than the caches (VGG's classifier) streams the weight from
-memory on every call; `PackGemvWeights` stores it as column panels, each contiguous over the reduction axis,
+A batch-1 matmul by a constant weight of a megabyte or more (every ImageNet classifier head, VGG's fully
+connected layers) reads the weight from memory on every call; `PackGemvWeights` stores it as column panels, each contiguous over the reduction axis,
 and computes it as a batched matmul whose result is already the (1, n) output in memory.
 """
 
@@ -144,20 +144,24 @@ def pad_conv_channels(lanes: int) -> tvm.transform.Pass:
     return _pass
 
 
-# Weights above this size stream from memory on every batch-1 call (VGG's 25088 x 4096 layer: 411 MB).
-STREAMED_WEIGHT_BYTES = 4 << 20
+# Weights above this size are read from memory rather than cache on a batch-1 call: the model's other weights
+# and activations evict them between calls (every ImageNet classifier head: 1280 x 1000 is 5 MB).
+STREAMED_WEIGHT_BYTES = 1 << 20
 
 
-def gemv_panel(n: int, lanes: int) -> int | None:
-    """Columns per contiguous weight panel of a batch-1 matmul: four vectors (the register tile), or None."""
-    return 4 * lanes if n % (4 * lanes) == 0 else None
+def gemv_panel(n: int, target: tvm.target.Target) -> int | None:
+    """Columns per contiguous weight panel of a batch-1 matmul: its register tile, or None (one panel)."""
+    from .cpu_schedule import column_tile
+
+    panel = column_tile(1, n, target)
+    return panel if n % panel == 0 and n > panel else None
 
 
 @mutator
 class _GemvPacker(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
-        self.lanes = lanes
+        self.target = target
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -166,7 +170,7 @@ class _GemvPacker(PyExprMutator):
         if x_shape is None or int(np.prod(x_shape[:-1])) != 1:
             return call
         k, n = (int(d) for d in w.shape)
-        panel = gemv_panel(n, self.lanes)
+        panel = gemv_panel(n, self.target)
         if panel is None or k * n * 4 < STREAMED_WEIGHT_BYTES:
             return call
         w = w.numpy()
@@ -177,14 +181,14 @@ class _GemvPacker(PyExprMutator):
         return relax.op.reshape(y, call.ty.shape)  # (n / panel, 1, panel) is (1, n) in memory
 
 
-def pack_gemv_weights(lanes: int) -> tvm.transform.Pass:
+def pack_gemv_weights(target: tvm.target.Target) -> tvm.transform.Pass:
     """Batch-1 matmuls by large constant weights read them as column panels, each contiguous over k: a
-    [k, n] weight makes every k step jump a whole row to the next 256 bytes, which halves the rate DRAM
+    [k, n] weight makes every k step jump a whole row to the next register tile's columns, which halves the rate DRAM
     streams at (VGG's fully connected layers: 24 -> 12 ms)."""
 
     @tvm.transform.module_pass(opt_level=0, name="PackGemvWeights")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return rewrite_relax_functions(mod, _GemvPacker(mod, lanes))
+        return rewrite_relax_functions(mod, _GemvPacker(mod, target))
 
     return _pass
 
@@ -221,7 +225,7 @@ def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),
         pad_conv_channels(vector_lanes(target)),
         pad_matmul_columns(vector_lanes(target)),  # pruned widths (447, 241): whole vectors of columns
-        pack_gemv_weights(vector_lanes(target)),
+        pack_gemv_weights(target),
         fast_sigmoid,  # after ConvertLayout: a call_tir has no layout inference
         relax.transform.FastMathTransform(),  # erf (GELU), exp, tanh, softmax: vector code, not scalar libm calls
         relax.transform.CanonicalizeBindings(),

@@ -321,18 +321,17 @@ def test_hard_swish_and_hard_sigmoid_follow_the_conv_layout():
 
 
 def test_batch1_matmul_reads_large_weights_as_contiguous_panels():
-    """A batch-1 Gemm with 4 MiB of weights (VGG's classifier, scaled down) reads them as column panels
+    """A batch-1 Gemm with 1 MiB of weights (VGG's classifier, scaled down) reads them as column panels
     contiguous over k, in parallel over its panels (a parallel loop of 16 or fewer tiles used to be unrolled
     instead), and still matches ONNX Runtime."""
     from sparsecc.codegen.layout import STREAMED_WEIGHT_BYTES, gemv_panel
 
-    lanes = cpu_schedule.vector_lanes(_target())
     k, n = 1024, STREAMED_WEIGHT_BYTES // (4 * 1024)
     inits = {"w": RNG.standard_normal((n, k)) * 0.05, "b": RNG.standard_normal(n) * 0.1}
     nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["y"])]
     model = _model(nodes, [1, k], [1, n], inits)
     _check(model, [1, k])
-    panel = gemv_panel(n, lanes)
+    panel = gemv_panel(n, _target())
     matmul = next(f for name, f in _prim_funcs(model).items() if "matmul" in name)
     text = matmul.script()
     assert f"T.int64({n // panel}), T.int64({k}), T.int64({panel})" in text  # the packed weight
@@ -343,3 +342,18 @@ def test_batch1_matmul_reads_large_weights_as_contiguous_panels():
     sparse = {**inits, "w": inits["w"] * (RNG.random((n, k)) < 0.5)}
     plain = next(f for name, f in _prim_funcs(_model(nodes, [1, k], [1, n], sparse)).items() if "matmul" in name)
     assert f"T.int64({k}), T.int64({n})" in plain.script()
+
+
+def test_classifier_head_with_1000_classes_is_packed():
+    """1000 classes are computed as 1008 columns (whole vectors), packed as panels of the register tile."""
+    from sparsecc.codegen.layout import gemv_panel
+
+    k, n = 512, 1000
+    inits = {"w": RNG.standard_normal((n, k)) * 0.05, "b": RNG.standard_normal(n) * 0.1}
+    model = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], [1, k], [1, n], inits)
+    _check(model, [1, k])
+    padded = -(-n // cpu_schedule.vector_lanes(_target())) * cpu_schedule.vector_lanes(_target())
+    panel = gemv_panel(padded, _target())
+    assert panel is not None and padded % panel == 0
+    matmul = next(f for name, f in _prim_funcs(model).items() if "matmul" in name)
+    assert f"T.int64({padded // panel}), T.int64({k}), T.int64({panel})" in matmul.script()
