@@ -102,6 +102,22 @@ def choose_tile(m: int, n: int, lanes: int, registers: int) -> Tile:
     return Tile(rows=rows, cols=cols)
 
 
+def tile_candidates(m: int, n: int, lanes: int, registers: int) -> list[Tile]:
+    """`choose_tile`'s pick first, then the other register tiles worth timing when tuning: one to four whole
+    vectors of columns that divide n, each with as many rows as the register file holds beside a few
+    operand registers: the largest divisor of m, and all of them with a masked tail."""
+    first = choose_tile(m, n, lanes, registers)
+    tiles = [first]
+    for k in (1, 2, 3, 4):
+        cols = k * lanes
+        if n % cols:
+            continue
+        budget = max(1, (registers - 4) // k)
+        options = {max(d for d in _divisors(m) if d <= budget), min(m, budget)}
+        tiles += [Tile(rows=r, cols=cols) for r in sorted(options)]
+    return list(dict.fromkeys(tiles))
+
+
 def column_tile(m: int, n: int, target: Target) -> int:
     """Output columns per register tile that `Contraction` gives an m x n output plane on `target` (the
     panel width that weights are packed with)."""
@@ -196,7 +212,14 @@ def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes
 
 
 class Contraction(CPUScheduleRule):
-    """Conv/matmul/pooling: one reduction block whose output's innermost axis can be vectorized."""
+    """Conv/matmul/pooling: one reduction block whose output's innermost axis can be vectorized.
+
+    `variant` i > 0 uses the i-th of `tile_candidates` instead of `choose_tile` (None when there is none):
+    the schedules tuning times beside the default one."""
+
+    def __init__(self, variant: int = 0):
+        super().__init__()
+        self.variant = variant
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -251,7 +274,10 @@ class Contraction(CPUScheduleRule):
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
         work = _work(sch, red)
         m_ext = _extent(sch, spatial[-2]) if n_spatial >= 2 else 1
-        tile = choose_tile(m_ext or 1, n_ext, lanes, vector_registers(target))
+        tiles = tile_candidates(m_ext or 1, n_ext, lanes, vector_registers(target))
+        if self.variant >= len(tiles):
+            return None
+        tile = tiles[self.variant]
         vec = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if v >= 1 and tile.cols % v == 0)
         col_o, col_v, col_i = sch.split(spatial[-1], factors=[None, tile.cols // vec, vec])
         if n_spatial >= 2:
@@ -403,6 +429,23 @@ def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | No
         if sch is not None:
             return sch
     return None
+
+
+def schedule_variants(func: tirx.PrimFunc, target: Target) -> list[s_tir.Schedule]:
+    """`default_schedule` followed by the contraction's other register tiles (tuning times them all)."""
+    first = default_schedule(func, target)
+    if first is None:
+        return []
+    variants = [first]
+    for i in range(1, 32):
+        try:
+            sch = Contraction(i).apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a tile the schedule primitives refuse is not a candidate
+            continue
+        if sch is None:
+            break
+        variants.append(sch)
+    return variants
 
 
 def schedule_passes(target: Target) -> list[tvm.transform.Pass]:

@@ -1,8 +1,9 @@
 """MetaSchedule tuning of the fused TIR functions, with a persistent per-target JSON database.
 
 Runs between legalization+fusion and the default CPU schedules: `tuning_passes(target, trials, db_dir)`
-tunes the functions the database has no record for (when `trials > 0`; each function's default schedule is
-measured and recorded first, so the search has to beat it), then applies every record it has,
+tunes the functions the database has no record for (when `trials > 0`; each function's default schedule and
+the default rule's other register tiles are measured and recorded first, so the search starts from the best
+of them and has to beat it), then applies every record it has,
 marking those functions scheduled so the default rules leave them alone. A second compile of the same model
 finds all its functions in the database and tunes nothing.
 
@@ -37,7 +38,7 @@ from tvm import relax, tirx
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .cpu_schedule import default_schedule
+from .cpu_schedule import schedule_variants
 
 TUNING_LOG = "tuning_log.txt"
 WORKLOADS = "database_workload.json"
@@ -249,12 +250,13 @@ def _tune_locked(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_d
 
 def _commit_defaults(tasks: dict[str, tvm.IRModule], target: tvm.target.Target, db: ms.database.Database,
                      builder: ms.builder.Builder, runner: ms.runner.Runner) -> None:
-    """Measure each task's default schedule like any candidate and record it: the search starts from it, and
-    a tuned schedule replaces it only where it measured faster, so tuning never slows a function down."""
-    schedules = {n: s for n, t in tasks.items() if (s := default_schedule(t["main"], target)) is not None}
-    built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules.values()])
+    """Measure each task's default schedule, and its other register tiles, like any candidate and record
+    them: the search starts from the best, and a tuned schedule replaces it only where it measured faster,
+    so tuning never slows a function down."""
+    candidates = [(n, sch) for n, t in tasks.items() for sch in schedule_variants(t["main"], target)]
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
     runs = []
-    for (name, sch), b in zip(schedules.items(), built):
+    for (name, sch), b in zip(candidates, built):
         if b.artifact_path:
             args = ms.arg_info.ArgInfo.from_prim_func(tasks[name]["main"])
             runs.append((name, sch, args, ms.runner.RunnerInput(b.artifact_path, "cpu", args)))

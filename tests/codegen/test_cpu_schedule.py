@@ -215,6 +215,14 @@ def test_choose_cols_uses_whole_vectors():
     assert tile.cols == 32 and 56 % tile.rows == 0 and tile.rows * 2 <= 24
 
 
+def test_tile_candidates_start_with_the_default():
+    tiles = cpu_schedule.tile_candidates(13, 1008, 16, 32)
+    assert tiles[0] == cpu_schedule.choose_tile(13, 1008, 16, 32)
+    assert len(set(tiles)) == len(tiles) and all(1008 % t.cols == 0 for t in tiles[1:])
+    assert cpu_schedule.Tile(13, 16) in tiles  # a whole 13-wide plane row without a masked tail
+    assert all(t.rows * (t.cols // 16) <= 28 for t in tiles[1:])
+
+
 def test_tuning_database_is_reused(tmp_path, monkeypatch):
     """`--tune N` records go to the database; a second compile of the same model tunes nothing."""
     shown: list[str] = []
@@ -238,6 +246,11 @@ def test_tuning_database_is_reused(tmp_path, monkeypatch):
             continue
         mine = [r for r in records if tvm_ffi.structural_equal(r.workload.mod, task)]
         assert any(str(r.trace) == str(default.trace) and r.run_secs for r in mine), name
+        # So were the default rule's other register tiles (4 x 16 beside the default 4 x 48 for the matmul).
+        variants = cpu_schedule.schedule_variants(task["main"], target)
+        assert len(variants) >= (2 if "matmul" in name else 1), name
+        for v in variants:
+            assert any(str(r.trace) == str(v.trace) for r in mine), name
         assert len(mine) >= 2, name  # and the search measured candidates of its own
     assert tuning.tune(fused, target, 8, tmp_path) == 0  # everything is in the database already
     with target:
