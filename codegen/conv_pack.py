@@ -35,6 +35,17 @@ def _dtype_or_none(dtype) -> str | None:
     return None if str(dtype) in ("", "void", "None") else str(dtype)
 
 
+def nhwc_conv_weight(call: relax.Call) -> tvm.runtime.Tensor | None:
+    """The HWIO float32 constant weight of a groups-1 NHWC `relax.nn.conv2d`, or None for any other call."""
+    if call.op != tvm.ir.Op.get("relax.nn.conv2d") or not isinstance(call.args[1], tvm.ir.Constant):
+        return None
+    attrs = call.attrs
+    if (str(attrs.data_layout), str(attrs.kernel_layout), int(attrs.groups)) != ("NHWC", "HWIO", 1):
+        return None
+    w = call.args[1].value
+    return w if str(attrs.out_layout) in ("NHWC", "") and w.dtype == "float32" else None
+
+
 @mutator
 class _ConvWeightPacker(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
@@ -43,15 +54,11 @@ class _ConvWeightPacker(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.nn.conv2d") or not isinstance(call.args[1], tvm.ir.Constant):
+        w = nhwc_conv_weight(call)
+        if w is None or call.ty.shape is None:
             return call
         attrs = call.attrs
-        if (str(attrs.data_layout), str(attrs.kernel_layout), int(attrs.groups)) != ("NHWC", "HWIO", 1):
-            return call
-        w = call.args[1].value
-        out_shape = [int(d) for d in call.ty.shape.values] if call.ty.shape is not None else None
-        if str(attrs.out_layout) not in ("NHWC", "") or w.dtype != "float32" or out_shape is None:
-            return call
+        out_shape = [int(d) for d in call.ty.shape.values]
         kh, kw, ci, co = (int(d) for d in w.shape)
         p = column_tile(out_shape[2], co, self.target)
         if co % p or co == p:

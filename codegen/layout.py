@@ -34,6 +34,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .conv_pack import nhwc_conv_weight
 from .frontend import rewrite_relax_functions
 from .matmul_pad import constant_weight, pad_matmul_columns, padded_columns
 from .shuffle import shuffle_to_nhwc
@@ -117,14 +118,11 @@ class _ChannelPadder(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.nn.conv2d") or not isinstance(call.args[1], tvm.ir.Constant):
+        weight = nhwc_conv_weight(call)
+        if weight is None:
             return call
         attrs = call.attrs
-        if (str(attrs.data_layout), str(attrs.kernel_layout), int(attrs.groups)) != ("NHWC", "HWIO", 1):
-            return call
-        if str(attrs.out_layout) not in ("NHWC", "") or call.args[1].value.dtype != "float32":
-            return call
-        w = call.args[1].value.numpy()
+        w = weight.numpy()
         channels = w.shape[3]
         padded = padded_channels(channels, self.lanes)
         if padded == channels:
