@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from . import conv_pack, cpu_schedule, layout, tuning
+from . import conv_pack, cpu_schedule, layout, tuning, winograd
 
 
 def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None = None) -> tvm.transform.Pass:
@@ -29,13 +29,20 @@ def lowering_passes(target: tvm.target.Target, tune: int = 0, tune_db: str | Non
     destination-passing style."""
     return (
         layout.layout_passes(target)
-        + [conv_pack.pack_conv_weights(target)]
+        + [winograd.rewrite_winograd(target), conv_pack.pack_conv_weights(target)]
         + cpu_generic.library_dispatch_passes(target)
-        + cpu_generic.legalize_passes(target)
+        + _legalize_passes(target)
         + tuning.tuning_passes(target, tune, tune_db)
         + cpu_schedule.schedule_passes(target)
         + cpu_generic.dataflow_lower_passes(target)
     )
+
+
+def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """TVM's legalization and fusion, with the Winograd transforms' op patterns set before fusion."""
+    passes = cpu_generic.legalize_passes(target)
+    at = next(i for i, p in enumerate(passes) if p.info.name == "AnnotateTIROpPattern") + 1
+    return passes[:at] + [winograd.mark_patterns()] + passes[at:]
 
 
 def lower_static(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,

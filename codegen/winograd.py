@@ -1,0 +1,187 @@
+"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3): 2.25x fewer multiply-adds.
+
+A stride-1 3x3 conv computes each 2x2 output tile from a 4x4 input tile with 36 multiply-adds per input and
+output channel pair; Winograd's F(2x2, 3x3) needs 16 (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2016):
+
+    Y = A^T [ (G g G^T) . (B^T d B) ] A
+
+with the filter transform G g G^T folded into the weight at compile time. The conv becomes three functions:
+
+- input transform: V[e, p, c] = (B^T d_p B)[e] for every 4x4 tile p of the zero-padded input (B's entries are
+  0 and +-1: each element is a signed sum of four inputs);
+- a batched matmul per tile element e: M[e, p, o] = sum_c V[e, p, c] U[e, c, o], the 16 / 36 of the direct
+  conv's multiply-adds, scheduled by the default contraction rule like any matmul;
+- output transform: Y = A^T M_p A (a signed sum of nine elements), into which the conv's epilogue (bias, BN,
+  activation, residual add) fuses.
+
+Both transforms are marked `kOutEWiseFusable`: the epilogue fuses into the output transform, and neither is
+inlined into a neighbour that would recompute its sums several times per element.
+
+The transforms' entries are exact in floating point (0, +-1 and, in G, +-1/2), so the results match the
+direct conv to rounding (a different summation order). `rewrite_winograd(target)` takes the NHWC float32
+convs with constant weights where the matmul is large enough to pay for the transforms (`worth_it`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx, topi
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .conv_pack import nhwc_conv_weight
+from .frontend import rewrite_relax_functions
+
+# F(2x2, 3x3) (Lavin & Gray, eq. 7).
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+# Row i of B^T as (index, sign) pairs: two nonzeros each.
+BT_TERMS = [((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1))]
+
+OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind::kOutEWiseFusable
+PATTERN_ATTR = "sparsecc.winograd_pattern"
+
+# Below these channel counts the matmul's short reduction or narrow rows do not pay for the transforms'
+# extra memory passes (measured per layer: SqueezeNet's 16-channel squeeze is slower by Winograd).
+MIN_CHANNELS = 32
+
+
+def weight_transform(w_hwio: np.ndarray) -> np.ndarray:
+    """HWIO 3x3 weight -> U[e, ci, co] = (G g G^T)[e // 4, e % 4] per (ci, co), computed in float64."""
+    u = np.einsum("ak,klio,bl->abio", G, w_hwio.astype(np.float64), G)
+    return np.ascontiguousarray(u.reshape(16, *w_hwio.shape[2:]).astype(np.float32))
+
+
+def _table(values: list[int], index: tirx.PrimExpr) -> tirx.PrimExpr:
+    expr = tirx.IntImm("int32", values[-1])
+    for i in range(len(values) - 2, -1, -1):
+        expr = tirx.Select(index == i, tirx.IntImm("int32", values[i]), expr)
+    return expr
+
+
+def _input_transform(x: te.Tensor, padding: list[int]) -> te.Tensor:
+    n, h, w, c = (int(d) for d in x.shape)
+    top, left, bottom, right = padding
+    ho, wo = h + top + bottom - 2, w + left + right - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    d = topi.nn.pad(x, [0, top, left, 0], [0, 2 * th + 2 - h - top, 2 * tw + 2 - w - left, 0], name="data_pad")
+    first = [t[0][0] for t in BT_TERMS]
+    second, sign = [t[1][0] for t in BT_TERMS], [t[1][1] for t in BT_TERMS]
+
+    def v(e, p, ch):
+        eps, nu = e // 4, e % 4
+        b, y0, x0 = p // (th * tw), p // tw % th * 2, p % tw * 2
+        rows = [(_table(first, eps), 1.0), (_table(second, eps), tirx.Cast(x.dtype, _table(sign, eps)))]
+        cols = [(_table(first, nu), 1.0), (_table(second, nu), tirx.Cast(x.dtype, _table(sign, nu)))]
+        total = None
+        for ri, rs in rows:
+            for ci, cs in cols:
+                term = d[b, y0 + ri, x0 + ci, ch]
+                for s in (rs, cs):
+                    if not isinstance(s, float):
+                        term = term * s
+                total = term if total is None else total + term
+        return total
+
+    return te.compute((16, n * th * tw, c), v, name="winograd_input")
+
+
+def _batched_matmul(v: te.Tensor, u: te.Tensor) -> te.Tensor:
+    e, p, c = (int(d) for d in v.shape)
+    o = int(u.shape[2])
+    k = te.reduce_axis((0, c), name="k")
+    return te.compute((e, p, o), lambda b, i, j: te.sum(v[b, i, k] * u[b, k, j], axis=k), name="winograd_matmul")
+
+
+def _output_transform(m: te.Tensor, out_shape: list[int], out_dtype: str) -> te.Tensor:
+    n, ho, wo, o = out_shape
+    th, tw = -(-ho // 2), -(-wo // 2)
+
+    def y(b, h, w, ch):
+        p = b * (th * tw) + h // 2 * tw + w // 2
+        rh, rw = h % 2, w % 2
+        # Row r of A^T: elements r, r + 1, r + 2 with signs +, then -(r) twice.
+        neg_h = tirx.Cast(m.dtype, 1 - 2 * rh)
+        neg_w = tirx.Cast(m.dtype, 1 - 2 * rw)
+        total = None
+        for k in range(3):
+            for j in range(3):
+                term = m[(rh + k) * 4 + rw + j, p, ch]
+                if k:
+                    term = term * neg_h
+                if j:
+                    term = term * neg_w
+                total = term if total is None else total + term
+        return total.astype(out_dtype) if out_dtype and out_dtype != m.dtype else total
+
+    return te.compute((n, ho, wo, o), y, name="winograd_output")
+
+
+def worth_it(ci: int, co: int, out_hw: tuple[int, int]) -> bool:
+    return ci >= MIN_CHANNELS and co >= MIN_CHANNELS and min(out_hw) >= 2
+
+
+def winograd_conv(call: relax.Call) -> np.ndarray | None:
+    """The HWIO weight of a conv this pass rewrites, or None."""
+    w = nhwc_conv_weight(call)
+    if w is None or call.ty.shape is None:
+        return None
+    a = call.attrs
+    if tuple(w.shape[:2]) != (3, 3) or [int(s) for s in a.strides] != [1, 1] or \
+            [int(s) for s in a.dilation] != [1, 1]:
+        return None
+    out = [int(d) for d in call.ty.shape.values]
+    return w.numpy() if worth_it(int(w.shape[2]), int(w.shape[3]), (out[1], out[2])) else None
+
+
+@mutator
+class _Winograd(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.transforms: list[relax.GlobalVar] = []
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        w = winograd_conv(call)
+        if w is None:
+            return call
+        out_shape = [int(d) for d in call.ty.shape.values]
+        out_dtype = str(call.ty.dtype)
+        v = self.builder_.emit(self.builder_.call_te(
+            _input_transform, call.args[0], [int(s) for s in call.attrs.padding],
+            primfunc_name_hint="winograd_input"))
+        m = self.builder_.emit(self.builder_.call_te(
+            _batched_matmul, v, relax.const(weight_transform(w)), primfunc_name_hint="winograd_matmul"))
+        y = self.builder_.call_te(_output_transform, m, out_shape, out_dtype,
+                                  primfunc_name_hint="winograd_output")
+        self.transforms += [self.builder_.lookup_binding(v).args[0], y.args[0]]
+        return y
+
+
+def rewrite_winograd(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Rewrite the eligible 3x3 convs (see the module docstring); their transforms carry `PATTERN_ATTR`,
+    which `mark_patterns` turns into the op pattern after TVM's own annotation."""
+
+    @tvm.transform.module_pass(opt_level=0, name="WinogradConv3x3")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Winograd(mod)
+        mod = rewrite_relax_functions(mod, rewriter)
+        for gv in rewriter.transforms:
+            mod[gv] = mod[gv].with_attr(PATTERN_ATTR, OUT_EWISE_FUSABLE)
+        return mod
+
+    return _pass
+
+
+def mark_patterns() -> tvm.transform.Pass:
+    """Run after `AnnotateTIROpPattern`: the transforms' op pattern from `PATTERN_ATTR`."""
+
+    @tvm.transform.module_pass(opt_level=0, name="WinogradOpPatterns")
+    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            pattern = func.attrs.get(PATTERN_ATTR) if isinstance(func, tirx.PrimFunc) and func.attrs else None
+            if pattern is not None:
+                mod[gv] = func.with_attr("op_pattern", int(pattern))
+        return mod
+
+    return _pass
