@@ -62,7 +62,7 @@ def _lowered_names(model: onnx.ModelProto, target: tvm.target.Target) -> list[st
 
 @pytest.mark.parametrize("case", [
     dict(c_in=32, c_out=48, size=11, pads=[1, 1, 1, 1]),                # odd output: half-empty last tiles
-    dict(c_in=40, c_out=64, size=8, pads=[0, 1, 2, 1]),                 # asymmetric padding
+    dict(c_in=40, c_out=64, size=12, pads=[0, 1, 2, 1]),                # asymmetric padding
     dict(c_in=32, c_out=32, size=7, batch=2, residual=True, pads=[1, 1, 1, 1]),
 ])
 def test_winograd_conv_matches_ort(case):
@@ -83,6 +83,7 @@ def test_winograd_conv_matches_ort(case):
 
 @pytest.mark.parametrize("case", [
     dict(c_in=16, c_out=64, size=12, pads=[1, 1, 1, 1]),                 # too few input channels
+    dict(c_in=64, c_out=64, size=7, pads=[1, 1, 1, 1]),                  # too few tiles: weight-bound
     dict(c_in=64, c_out=64, size=12, pads=[1, 1, 1, 1], strides=[2, 2]),
     dict(c_in=64, c_out=64, size=12, pads=[2, 2, 2, 2], dilations=[2, 2]),
     dict(c_in=64, c_out=64, size=12, pads=[1, 1, 1, 1], group=2),
