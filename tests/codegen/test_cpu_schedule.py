@@ -163,6 +163,19 @@ def test_copies_parallelize_only_the_leading_loops():
     _check(model, [1, 3, 300, 300])
 
 
+@pytest.mark.parametrize("size,inlined", [(100, True), (20, False)])
+def test_depthwise_padding_is_inlined_for_inputs_beyond_the_cache(size, inlined):
+    """A depthwise conv over a 12 MB input reads it through bounds tests instead of a padding pass (which
+    would double the conv's memory traffic); on a small input the pass stays."""
+    inits: dict[str, np.ndarray] = {}
+    nodes = [_conv("c", "x", 320, 320, 3, group=320, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [1, 320, size, size], [1, 320, size, size], inits)
+    conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+    assert (320 * (size + 2) ** 2 * 4 > cpu_schedule.STREAMED_INPUT_BYTES) == inlined
+    assert ("sblock(\"pad_temp\")" not in conv.script()) == inlined  # no padding pass
+    _check(model, [1, 320, size, size])
+
+
 def test_odd_channel_counts_are_padded_to_whole_vectors():
     """116 output channels (ShuffleNet) are computed as 128 with full-width vectors, then sliced."""
     from sparsecc.codegen.layout import padded_channels
