@@ -55,6 +55,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "cache_dir": None,  # default: codegen.tuning.default_db_dir(target)
 }
 DECISIONS = "sparse_decisions.jsonl"
+# Part of every cached decision's key: bump when the dense code a sparse kernel is measured against changes
+# within a release (2: 3x3 convs by Winograd), so that stale dense timings are not reused.
+DENSE_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -492,7 +495,7 @@ class DecisionCache:
     def key(problem: LayerProblem, target: tvm.target.Target, opts: dict[str, Any]) -> str:
         from sparsecc import __version__
 
-        what = [__version__, str(target), repr(problem.key), list(problem.input_shape), problem.m,
+        what = [__version__, DENSE_REVISION, str(target), repr(problem.key), list(problem.input_shape), problem.m,
                 [list(b) for b in opts["blocks"]], opts["margin"], opts["measure_top"], opts["threads"]]
         h = hashlib.sha256(json.dumps(what).encode())
         h.update(np.ascontiguousarray(problem.weight).tobytes())
