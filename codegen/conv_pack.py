@@ -31,7 +31,7 @@ def _conv_with_packed_weight(x: te.Tensor, panels: te.Tensor, strides, padding, 
     return topi.nn.conv(x, hwio, strides, padding, dilation, 1, "NHWC", "HWIO", out_dtype)
 
 
-def _dtype_or_none(dtype) -> str | None:
+def dtype_or_none(dtype) -> str | None:
     return None if str(dtype) in ("", "void", "None") else str(dtype)
 
 
@@ -66,7 +66,7 @@ class _ConvWeightPacker(PyExprMutator):
         panels = np.ascontiguousarray(w.numpy().reshape(kh, kw, ci, co // p, p).transpose(3, 0, 1, 2, 4))
         return self.builder_.call_te(_conv_with_packed_weight, call.args[0], relax.const(panels),
                                      [int(s) for s in attrs.strides], [int(s) for s in attrs.padding],
-                                     [int(s) for s in attrs.dilation], _dtype_or_none(attrs.out_dtype),
+                                     [int(s) for s in attrs.dilation], dtype_or_none(attrs.out_dtype),
                                      primfunc_name_hint="conv2d")
 
 

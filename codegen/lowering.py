@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from . import conv_pack, cpu_schedule, layout, tuning, winograd
+from . import concat_split, conv_pack, cpu_schedule, layout, tuning, winograd
 
 
 def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None = None) -> tvm.transform.Pass:
@@ -29,7 +29,7 @@ def lowering_passes(target: tvm.target.Target, tune: int = 0, tune_db: str | Non
     destination-passing style."""
     return (
         layout.layout_passes(target)
-        + [winograd.rewrite_winograd(target), conv_pack.pack_conv_weights(target)]
+        + [concat_split.split_concat_convs(), winograd.rewrite_winograd(target), conv_pack.pack_conv_weights(target)]
         + cpu_generic.library_dispatch_passes(target)
         + _legalize_passes(target)
         + tuning.tuning_passes(target, tune, tune_db)
