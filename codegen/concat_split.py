@@ -6,12 +6,13 @@ read back from memory. A conv is linear in its input channels, so
 
     conv(concat(a, b), W) = conv(a, W[:, :, :Ca]) + conv(b, W[:, :, Ca:])
 
-and the sum fuses into the second conv's epilogue (like a residual add). A max pooling of a concatenation
-is first moved onto the parts (`pool(concat(a, b)) = concat(pool(a), pool(b))`, channels being pooled
-independently), so the concatenation that remains is the pooled, smaller one, and itself feeds convs. The rewrite pays one write and read
-of the first conv's partial result instead of the concatenation's, so it is done only where the conv has
-fewer output channels than the concatenation, and only where every user of the concatenation is such a conv
-(otherwise the copy stays anyway).
+and the sum fuses into the second conv's epilogue (like a residual add). Each split conv writes and reads
+back a partial result per part but the last instead of the concatenation's copy, so the rewrite is done
+only where those partial results (output channels x (parts - 1), over all users) are fewer channels than
+the concatenation, and where every user of the concatenation is such a conv (otherwise the copy stays
+anyway). A max pooling of a concatenation is first moved onto the parts (`pool(concat(a, b)) =
+concat(pool(a), pool(b))`, channels being pooled independently), so the concatenation that remains is the
+pooled, smaller one, which itself feeds convs.
 
 Runs after the layout passes: convs are NHWC with HWIO weights, concatenations along axis 3.
 """
@@ -69,9 +70,8 @@ def _channels(expr: relax.Expr) -> int | None:
     return int(shape.values[-1]) if shape is not None and isinstance(shape.values[-1], tvm.tirx.IntImm) else None
 
 
-def _splittable(conv: relax.Expr, concat: relax.Var, total: int) -> bool:
-    return (isinstance(conv, relax.Call) and conv.args[0].same_as(concat) and nhwc_conv_weight(conv) is not None
-            and int(conv.args[1].value.shape[3]) < total)
+def _splittable(conv: relax.Expr, concat: relax.Var) -> bool:
+    return isinstance(conv, relax.Call) and conv.args[0].same_as(concat) and nhwc_conv_weight(conv) is not None
 
 
 @mutator
@@ -141,7 +141,9 @@ def _plan(func: relax.Function) -> dict[relax.Var, list[relax.Expr]]:
             continue
         total = sum(_channels(p) for p in parts)
         users = uses.users.get(var, [])
-        if users and all(_splittable(u, var, total) for u in users):
+        # Each user writes and reads back one partial sum per part but the last; the copy saved is one.
+        if users and all(_splittable(u, var) for u in users) and \
+                sum((len(parts) - 1) * int(u.args[1].value.shape[3]) for u in users) < total:
             plan[var] = parts
     return plan
 

@@ -17,12 +17,14 @@ from sparsecc.codegen.targets import cpu_target
 RNG = np.random.default_rng(0)
 
 
-def _fire(pool: bool, concat_is_output: bool, squeeze: int = 16) -> onnx.ModelProto:
+def _fire(pool: bool, concat_is_output: bool, squeeze: int = 16, second: int = 0) -> onnx.ModelProto:
     """x -> 1x1 and 3x3 expand convs -> concat [-> max pool] -> 1x1 squeeze conv -> relu."""
     def w(o, i, k):
         return numpy_helper.from_array((RNG.standard_normal((o, i, k, k)) / np.sqrt(i * k * k)).astype(np.float32),
-                                       f"w{o}_{i}_{k}")
-    inits = [w(32, 8, 1), w(48, 8, 3), w(squeeze, 80, 1)]
+                                       f"w{len(inits)}")
+    inits: list[onnx.TensorProto] = []
+    for shape in ((32, 8, 1), (48, 8, 3), (squeeze, 80, 1)):
+        inits.append(w(*shape))
     nodes = [helper.make_node("Conv", ["x", inits[0].name], ["e1"], kernel_shape=[1, 1]),
              helper.make_node("Conv", ["x", inits[1].name], ["e3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              helper.make_node("Concat", ["e1", "e3"], ["cat"], axis=1)]
@@ -33,6 +35,10 @@ def _fire(pool: bool, concat_is_output: bool, squeeze: int = 16) -> onnx.ModelPr
     nodes += [helper.make_node("Conv", [src, inits[2].name], ["s"], kernel_shape=[1, 1]),
               helper.make_node("Relu", ["s"], ["y"])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second:  # a second conv reading the (pooled) concatenation
+        inits.append(w(second, 80, 1))
+        nodes.append(helper.make_node("Conv", [src, inits[-1].name], ["y2"], kernel_shape=[1, 1]))
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
     if concat_is_output:
         outputs.append(helper.make_tensor_value_info("cat", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "fire", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 15, 15])],
@@ -48,15 +54,17 @@ def _lowered_names(model: onnx.ModelProto, target: tvm.target.Target) -> list[st
     return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
-@pytest.mark.parametrize("pool,concat_is_output,squeeze,split", [
-    (False, False, 16, True),
-    (True, False, 16, True),     # the pool moves onto the parts, then the pooled concat is split
-    (False, True, 16, False),    # the concatenation is needed anyway
-    (False, False, 96, False),   # more output channels than the concatenation: the partial sum costs more
+@pytest.mark.parametrize("pool,concat_is_output,squeeze,second,split", [
+    (False, False, 16, 0, True),
+    (True, False, 16, 0, True),     # the pool moves onto the parts, then the pooled concat is split
+    (False, True, 16, 0, False),    # the concatenation is needed anyway
+    (False, False, 96, 0, False),   # more output channels than the concatenation: the partial sum costs more
+    (False, False, 16, 32, True),   # two convs: 16 + 32 partial channels against 80
+    (True, False, 48, 48, False),   # 48 + 48 > 80
 ])
-def test_concat_split_matches_ort(pool, concat_is_output, squeeze, split):
+def test_concat_split_matches_ort(pool, concat_is_output, squeeze, second, split):
     target = cpu_target(2).target()
-    model = _fire(pool, concat_is_output, squeeze)
+    model = _fire(pool, concat_is_output, squeeze, second)
     names = _lowered_names(model, target)
     assert (not any("concatenate" in n for n in names)) == split, names
 
