@@ -70,20 +70,30 @@ def _channels(expr: relax.Expr) -> int | None:
     return int(shape.values[-1]) if shape is not None and isinstance(shape.values[-1], tvm.tirx.IntImm) else None
 
 
-def _splittable(conv: relax.Expr, concat: relax.Var) -> bool:
-    return isinstance(conv, relax.Call) and conv.args[0].same_as(concat) and nhwc_conv_weight(conv) is not None
+def _splittable(conv: relax.Expr) -> bool:
+    return isinstance(conv, relax.Call) and nhwc_conv_weight(conv) is not None
 
 
 @mutator
-class _ConcatSplitter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, split: dict[relax.Var, list[relax.Expr]]):
+class _Rewriter(PyExprMutator):
+    """Moves the max pools of `pools`' concatenations onto their parts; splits the convs of `splits`'."""
+
+    def __init__(self, mod: tvm.IRModule, pools: dict, splits: dict):
         super().__init__(mod)
-        self.split = split
+        self.pools, self.splits = pools, splits
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        parts = self.split.get(call.args[0]) if call.args else None
-        if parts is None or nhwc_conv_weight(call) is None:
-            return super().visit_call_(call)
+        if call.op == _MAX_POOL and call.args[0] in self.pools:
+            a = call.attrs
+            pooled = [self.builder_.emit(relax.op.nn.max_pool2d(
+                self.visit_expr(p), a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
+                a.count_include_pad, a.layout, a.out_layout)) for p in self.pools[call.args[0]]]
+            return relax.op.concat(pooled, axis=3)
+        if call.args and call.args[0] in self.splits and nhwc_conv_weight(call) is not None:
+            return self._split(call, self.splits[call.args[0]])
+        return super().visit_call_(call)
+
+    def _split(self, call: relax.Call, parts: list[relax.Expr]) -> relax.Expr:
         w = call.args[1].value.numpy()
         a = call.attrs
         convs, start = [], 0
@@ -100,50 +110,30 @@ class _ConcatSplitter(PyExprMutator):
         return relax.op.add(out, convs[-1])
 
 
-@mutator
-class _PoolPushdown(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, pools: dict[relax.Var, list[relax.Expr]]):
-        super().__init__(mod)
-        self.pools = pools
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        parts = self.pools.get(call.args[0]) if call.op == _MAX_POOL else None
-        if parts is None:
-            return super().visit_call_(call)
-        a = call.attrs
-        pooled = [self.builder_.emit(relax.op.nn.max_pool2d(
-            self.visit_expr(p), a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode, a.count_include_pad,
-            a.layout, a.out_layout)) for p in parts]
-        return relax.op.concat(pooled, axis=3)
+def _pooled(parts: list[relax.Expr], users: list[relax.Expr]) -> bool:
+    """Whether the concatenation's only user is an NHWC max pooling."""
+    return len(users) == 1 and isinstance(users[0], relax.Call) and users[0].op == _MAX_POOL and \
+        str(users[0].attrs.layout) == "NHWC"
 
 
-def _pool_plan(func: relax.Function) -> dict[relax.Var, list[relax.Expr]]:
-    """Channel concatenations whose only user is an NHWC max pooling."""
+def _split(parts: list[relax.Expr], users: list[relax.Expr]) -> bool:
+    """Whether every user is a conv, and their partial sums cost less than the concatenation: each user
+    writes and reads back one partial sum per part but the last; the copy saved is one."""
+    if any(_channels(p) is None for p in parts) or not users or not all(_splittable(u) for u in users):
+        return False
+    return sum((len(parts) - 1) * int(u.args[1].value.shape[3]) for u in users) < sum(_channels(p) for p in parts)
+
+
+def _plan(func: relax.Function, wanted) -> dict[relax.Var, list[relax.Expr]]:
+    """The channel concatenations of `func` (var -> parts) whose parts and users `wanted` accepts."""
     uses = _Uses()
     uses.visit_expr(func)
     plan = {}
     for var, value in uses.bindings.items():
         parts = _concat_parts(value, uses.bindings)
         users = uses.users.get(var, [])
-        if parts is not None and len(users) == 1 and isinstance(users[0], relax.Call) and \
-                users[0].op == _MAX_POOL and str(users[0].attrs.layout) == "NHWC":
-            plan[var] = parts
-    return plan
-
-
-def _plan(func: relax.Function) -> dict[relax.Var, list[relax.Expr]]:
-    uses = _Uses()
-    uses.visit_expr(func)
-    plan = {}
-    for var, value in uses.bindings.items():
-        parts = _concat_parts(value, uses.bindings)
-        if parts is None or any(_channels(p) is None for p in parts):
-            continue
-        total = sum(_channels(p) for p in parts)
-        users = uses.users.get(var, [])
-        # Each user writes and reads back one partial sum per part but the last; the copy saved is one.
-        if users and all(_splittable(u, var) for u in users) and \
-                sum((len(parts) - 1) * int(u.args[1].value.shape[3]) for u in users) < total:
+        if parts is not None and all(isinstance(u, relax.Call) and u.args and u.args[0].same_as(var) for u in users) and \
+                wanted(parts, users):
             plan[var] = parts
     return plan
 
@@ -151,11 +141,11 @@ def _plan(func: relax.Function) -> dict[relax.Var, list[relax.Expr]]:
 def split_concat_convs() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="SplitConcatConvs")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        for planner, rewriter in ((_pool_plan, _PoolPushdown), (_plan, _ConcatSplitter)):
+        for pools in (True, False):  # pools first: the pooled concatenations they leave may be split
             for gv, func in list(mod.functions_items()):
-                plan = planner(func) if isinstance(func, relax.Function) else None
+                plan = _plan(func, _pooled if pools else _split) if isinstance(func, relax.Function) else None
                 if plan:
-                    rw = rewriter(mod, plan)
+                    rw = _Rewriter(mod, plan if pools else {}, {} if pools else plan)
                     rw.builder_.update_func(gv, rw.visit_expr(func))
                     mod = relax.transform.DeadCodeElimination()(rw.builder_.get())
         return mod

@@ -23,6 +23,18 @@ def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelP
     return model
 
 
+def lowered_names(model: onnx.ModelProto, target) -> list[str]:
+    """Names of the TIR functions a model lowers to on a CPU `target` (which rewrites applied)."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from sparsecc.codegen import lowering
+
+    with target:
+        mod = tvm.transform.Sequential(lowering.lowering_passes(target))(from_onnx(model, keep_params_in_input=False))
+    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
 def conv_model(batch="N", seed=0) -> onnx.ModelProto:
     """Conv -> Relu -> Flatten -> Gemm with a dynamic batch dim."""
     rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
+from conftest import lowered_names, make_model
 from sparsecc.codegen import lowering
 from sparsecc.codegen.targets import cpu_target
 
@@ -41,17 +42,8 @@ def _fire(pool: bool, concat_is_output: bool, squeeze: int = 16, second: int = 0
         outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
     if concat_is_output:
         outputs.append(helper.make_tensor_value_info("cat", TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "fire", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 15, 15])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return onnx.shape_inference.infer_shapes(model)
-
-
-def _lowered_names(model: onnx.ModelProto, target: tvm.target.Target) -> list[str]:
-    with target:
-        mod = tvm.transform.Sequential(lowering.lowering_passes(target))(from_onnx(model, keep_params_in_input=False))
-    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 15, 15])
+    return onnx.shape_inference.infer_shapes(make_model(nodes, [x], outputs, inits))
 
 
 @pytest.mark.parametrize("pool,concat_is_output,squeeze,second,split", [
@@ -65,7 +57,7 @@ def _lowered_names(model: onnx.ModelProto, target: tvm.target.Target) -> list[st
 def test_concat_split_matches_ort(pool, concat_is_output, squeeze, second, split):
     target = cpu_target(2).target()
     model = _fire(pool, concat_is_output, squeeze, second)
-    names = _lowered_names(model, target)
+    names = lowered_names(model, target)
     assert (not any("concatenate" in n for n in names)) == split, names
 
     x = RNG.standard_normal((2, 8, 15, 15)).astype(np.float32)

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
+from conftest import lowered_names, make_model
 from sparsecc.codegen import lowering, winograd
 from sparsecc.codegen.targets import cpu_target
 
@@ -46,18 +47,9 @@ def _model(c_in: int, c_out: int, size: int, batch: int = 1, residual: bool = Fa
     if residual:
         w2 = (RNG.standard_normal((c_out, c_out, 3, 3)) / np.sqrt(9 * c_out)).astype(np.float32)
         inits.append(numpy_helper.from_array(w2, "w2"))
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                           [batch, c_in, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return onnx.shape_inference.infer_shapes(model)
-
-
-def _lowered_names(model: onnx.ModelProto, target: tvm.target.Target) -> list[str]:
-    with target:
-        mod = tvm.transform.Sequential(lowering.lowering_passes(target))(from_onnx(model, keep_params_in_input=False))
-    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c_in, size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return onnx.shape_inference.infer_shapes(make_model(nodes, [x], [y], inits))
 
 
 @pytest.mark.parametrize("case", [
@@ -68,7 +60,7 @@ def _lowered_names(model: onnx.ModelProto, target: tvm.target.Target) -> list[st
 def test_winograd_conv_matches_ort(case):
     target = cpu_target(2).target()
     model = _model(**case)
-    names = _lowered_names(model, target)
+    names = lowered_names(model, target)
     assert "winograd_matmul" in names, names  # (both convs of the residual case share it)
     assert not any("conv2d" in n for n in names), names
     assert any(n.startswith("fused_winograd_output") and "relu" in n for n in names), names  # epilogue fused
@@ -94,5 +86,5 @@ def test_other_convs_stay_direct(case):
     if case.get("group"):  # the weight of a grouped conv has c_in / group input channels
         w = next(i for i in model.graph.initializer if i.name == "w")
         w.CopyFrom(numpy_helper.from_array(RNG.standard_normal((case["c_out"], w_in, 3, 3)).astype(np.float32), "w"))
-    names = _lowered_names(model, cpu_target(2).target())
+    names = lowered_names(model, cpu_target(2).target())
     assert not any("winograd" in n for n in names), names
