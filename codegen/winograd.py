@@ -49,6 +49,12 @@ MIN_CHANNELS = 32
 # batch 1, 16 tiles: 16 MB of weights for 134 MFLOP, 1.2x faster than direct when memory is quiet, slower
 # when other processes load it).
 MIN_TILES = 32
+# The input transform writes 4x its input (16 values per 2x2 tile), which the matmul reads back. Beyond the
+# last-level cache, with few output channels to reuse each value for, that traffic costs more than the
+# multiply-adds saved (DenseNet's 128 -> 32 convs at batch 8: 51 MB transformed, 11 ms against 9.5 ms
+# direct; at 28x28, 12.8 MB, Winograd still wins: 1.8 against 2.1 ms).
+STREAMED_TRANSFORM_BYTES = 32 * 1024 * 1024
+MIN_STREAMED_COLUMNS = 64
 
 
 def weight_transform(w_hwio: np.ndarray) -> np.ndarray:
@@ -127,7 +133,10 @@ def _output_transform(m: te.Tensor, out_shape: list[int], out_dtype: str) -> te.
 def worth_it(ci: int, co: int, out_shape: list[int]) -> bool:
     """Whether Winograd pays off for a conv from `ci` channels to an NHWC output of `out_shape`."""
     n, ho, wo, _ = out_shape
-    return ci >= MIN_CHANNELS and co >= MIN_CHANNELS and n * _tiles(ho) * _tiles(wo) >= MIN_TILES
+    tiles = n * _tiles(ho) * _tiles(wo)
+    if 16 * tiles * ci * 4 > STREAMED_TRANSFORM_BYTES and co < MIN_STREAMED_COLUMNS:
+        return False
+    return ci >= MIN_CHANNELS and co >= MIN_CHANNELS and tiles >= MIN_TILES
 
 
 def winograd_conv(call: relax.Call) -> np.ndarray | None:

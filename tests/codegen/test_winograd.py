@@ -88,3 +88,9 @@ def test_other_convs_stay_direct(case):
         w.CopyFrom(numpy_helper.from_array(RNG.standard_normal((case["c_out"], w_in, 3, 3)).astype(np.float32), "w"))
     names = lowered_names(model, cpu_target(2).target())
     assert not any("winograd" in n for n in names), names
+
+
+def test_transforms_beyond_the_cache_need_enough_output_channels():
+    assert winograd.worth_it(128, 32, [8, 28, 28, 32])      # 12.8 MB transformed: still in the last-level cache
+    assert not winograd.worth_it(128, 32, [8, 56, 56, 32])  # 51 MB read back for 32 columns each
+    assert winograd.worth_it(128, 64, [8, 56, 56, 64])      # 51 MB, reused for 64 columns
