@@ -67,7 +67,9 @@ class _Uses(PyExprVisitor):
 
 def _channels(expr: relax.Expr) -> int | None:
     shape = getattr(expr.ty, "shape", None)
-    return int(shape.values[-1]) if shape is not None and isinstance(shape.values[-1], tvm.tirx.IntImm) else None
+    if shape is None or not isinstance(shape.values[-1], tvm.tirx.IntImm):
+        return None
+    return int(shape.values[-1])
 
 
 def _splittable(conv: relax.Expr) -> bool:
@@ -121,7 +123,8 @@ def _split(parts: list[relax.Expr], users: list[relax.Expr]) -> bool:
     writes and reads back one partial sum per part but the last; the copy saved is one."""
     if any(_channels(p) is None for p in parts) or not users or not all(_splittable(u) for u in users):
         return False
-    return sum((len(parts) - 1) * int(u.args[1].value.shape[3]) for u in users) < sum(_channels(p) for p in parts)
+    partial = sum((len(parts) - 1) * int(u.args[1].value.shape[3]) for u in users)
+    return partial < sum(_channels(p) for p in parts)
 
 
 def _plan(func: relax.Function, wanted) -> dict[relax.Var, list[relax.Expr]]:
@@ -132,8 +135,8 @@ def _plan(func: relax.Function, wanted) -> dict[relax.Var, list[relax.Expr]]:
     for var, value in uses.bindings.items():
         parts = _concat_parts(value, uses.bindings)
         users = uses.users.get(var, [])
-        if parts is not None and all(isinstance(u, relax.Call) and u.args and u.args[0].same_as(var) for u in users) and \
-                wanted(parts, users):
+        read_as_input = all(isinstance(u, relax.Call) and u.args and u.args[0].same_as(var) for u in users)
+        if parts is not None and read_as_input and wanted(parts, users):
             plan[var] = parts
     return plan
 

@@ -29,20 +29,14 @@ def lowering_passes(target: tvm.target.Target, tune: int = 0, tune_db: str | Non
     destination-passing style."""
     return (
         layout.layout_passes(target)
-        + [concat_split.split_concat_convs(), winograd.rewrite_winograd(target), conv_pack.pack_conv_weights(target)]
+        + [concat_split.split_concat_convs(), winograd.rewrite_winograd(target),
+           conv_pack.pack_conv_weights(target)]
         + cpu_generic.library_dispatch_passes(target)
-        + _legalize_passes(target)
+        + cpu_generic.legalize_passes(target)
         + tuning.tuning_passes(target, tune, tune_db)
         + cpu_schedule.schedule_passes(target)
         + cpu_generic.dataflow_lower_passes(target)
     )
-
-
-def _legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """TVM's legalization and fusion, with the Winograd transforms' op patterns set before fusion."""
-    passes = cpu_generic.legalize_passes(target)
-    at = next(i for i, p in enumerate(passes) if p.info.name == "AnnotateTIROpPattern") + 1
-    return passes[:at] + [winograd.mark_patterns()] + passes[at:]
 
 
 def lower_static(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,

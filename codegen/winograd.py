@@ -15,8 +15,9 @@ with the filter transform G g G^T folded into the weight at compile time. The co
 - output transform: Y = A^T M_p A (a signed sum of nine elements), into which the conv's epilogue (bias, BN,
   activation, residual add) fuses.
 
-Both transforms are marked `kOutEWiseFusable`: the epilogue fuses into the output transform, and neither is
-inlined into a neighbour that would recompute its sums several times per element.
+Both transforms are marked `kOutEWiseFusable` (an op pattern TVM's annotation keeps): the epilogue fuses
+into the output transform, and neither is inlined into a neighbour that would recompute its sums several
+times per element.
 
 The transforms' entries are exact in floating point (0, +-1 and, in G, +-1/2), so the results match the
 direct conv to rounding (a different summation order). `rewrite_winograd(target)` takes the NHWC float32
@@ -38,8 +39,7 @@ G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 # Row i of B^T as (index, sign) pairs: two nonzeros each.
 BT_TERMS = [((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1))]
 
-OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind::kOutEWiseFusable
-PATTERN_ATTR = "sparsecc.winograd_pattern"
+OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind::kOutEWiseFusable (AnnotateTIROpPattern keeps a set pattern)
 
 # Below these channel counts the matmul's short reduction or narrow rows do not pay for the transforms'
 # extra memory passes.
@@ -103,7 +103,8 @@ def _batched_matmul(v: te.Tensor, u: te.Tensor) -> te.Tensor:
     e, p, c = (int(d) for d in v.shape)
     o = int(u.shape[2])
     k = te.reduce_axis((0, c), name="k")
-    return te.compute((e, p, o), lambda b, i, j: te.sum(v[b, i, k] * u[b, k, j], axis=k), name="winograd_matmul")
+    return te.compute((e, p, o), lambda b, i, j: te.sum(v[b, i, k] * u[b, k, j], axis=k),
+                      name="winograd_matmul")
 
 
 def _output_transform(m: te.Tensor, out_shape: list[int], out_dtype: str) -> te.Tensor:
@@ -174,7 +175,8 @@ class _Winograd(PyExprMutator):
         x = call.args[0]
         if top or left or bottom or right:
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
-        v = self.builder_.emit(self.builder_.call_te(_input_transform, x, primfunc_name_hint="winograd_input"))
+        v = self.builder_.emit(self.builder_.call_te(_input_transform, x,
+                                                     primfunc_name_hint="winograd_input"))
         m = self.builder_.emit(self.builder_.call_te(
             _batched_matmul, v, relax.const(weight_transform(w)), primfunc_name_hint="winograd_matmul"))
         y = self.builder_.call_te(_output_transform, m, out_shape, out_dtype,
@@ -184,29 +186,15 @@ class _Winograd(PyExprMutator):
 
 
 def rewrite_winograd(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Rewrite the eligible 3x3 convs (see the module docstring); their transforms carry `PATTERN_ATTR`,
-    which `mark_patterns` turns into the op pattern after TVM's own annotation."""
+    """Rewrite the eligible 3x3 convs (see the module docstring), their transforms marked kOutEWiseFusable."""
 
     @tvm.transform.module_pass(opt_level=0, name="WinogradConv3x3")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Winograd(mod)
         mod = rewrite_relax_functions(mod, rewriter)
         for gv in rewriter.transforms:
-            mod[gv] = mod[gv].with_attr(PATTERN_ATTR, OUT_EWISE_FUSABLE)
+            mod[gv] = mod[gv].with_attr("op_pattern", OUT_EWISE_FUSABLE)
         return mod
 
     return _pass
 
-
-def mark_patterns() -> tvm.transform.Pass:
-    """Run after `AnnotateTIROpPattern`: the transforms' op pattern from `PATTERN_ATTR`."""
-
-    @tvm.transform.module_pass(opt_level=0, name="WinogradOpPatterns")
-    def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        for gv, func in list(mod.functions_items()):
-            pattern = func.attrs.get(PATTERN_ATTR) if isinstance(func, tirx.PrimFunc) and func.attrs else None
-            if pattern is not None:
-                mod[gv] = func.with_attr("op_pattern", int(pattern))
-        return mod
-
-    return _pass
