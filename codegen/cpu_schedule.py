@@ -253,9 +253,10 @@ class Contraction(CPUScheduleRule):
 
         # Prologue: inline what is injective, except padding (kept as its own pass over the input, so
         # the inner loops do not test bounds).
+        streamed = _streamed_column_input(stmt, n_spatial)
         pads = []
         for b in reversed(blocks[:r]):
-            if _is_pad(sch, b) and not _reads_per_column(sch, red, b, n_spatial):
+            if _is_pad(sch, b) and not (streamed is not None and sch.get(b).writes[0].source.same_as(streamed)):
                 pads.append(b)
                 continue
             try:
@@ -278,6 +279,8 @@ class Contraction(CPUScheduleRule):
         if self.variant >= len(tiles):
             return None
         tile = tiles[self.variant]
+        if streamed is not None and self.variant == 0:
+            tile = streamed_tile(m_ext or 1, n_ext, lanes) or tile
         vec = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if v >= 1 and tile.cols % v == 0)
         col_o, col_v, col_i = sch.split(spatial[-1], factors=[None, tile.cols // vec, vec])
         if n_spatial >= 2:
@@ -325,24 +328,43 @@ class Contraction(CPUScheduleRule):
         return sch
 
 
-def _reads_per_column(sch: s_tir.Schedule, red: s_tir.schedule.SBlockRV, producer: s_tir.schedule.SBlockRV,
-                      n_spatial: int) -> bool:
-    """Whether the reduction reads `producer`'s output at its own output column (a depthwise conv reads
-    input channel c for output channel c) and that output is too large to stay in cache. Each input element
-    then feeds only the few multiply-adds of its window, and a padding pass over the input costs as much
-    memory traffic as the conv itself (MobileNet-v2's depthwise convs at batch 8: 5.3 ms with the pass,
-    3.3 ms with the padding's bounds tests inlined). On inputs that stay in cache the pass is cheap and
-    the inner loops without bounds tests faster (1.3x on 28x28x192 at batch 8)."""
-    stmt = sch.get(red)
+def _streamed_column_input(stmt: s_tir.SBlock, n_spatial: int) -> tirx.Buffer | None:
+    """The input a reduction reads at its own output column (a depthwise conv reads input channel c for output
+    channel c) when it is too large to stay in cache; None otherwise. Each element of such an input feeds
+    only the few multiply-adds of its window, so the conv runs at the speed its input streams from memory:
+    - a padding pass over the input costs as much memory traffic as the conv itself, so the conv reads
+      through the padding's bounds tests instead (MobileNet-v2's depthwise convs at batch 8: 5.3 ms with
+      the pass, 3.3 ms without); on inputs that stay in a core's cache the pass is cheap;
+    - the register tile spans whole pixels (`streamed_tile`)."""
     col = stmt.iter_vars[n_spatial - 1].var
-    out = sch.get(producer).writes[0].source
-    return _buffer_bytes(out) > STREAMED_INPUT_BYTES and any(
-        read.source.same_as(out) and _mentions(read.region[-1].min, {col}) for read in stmt.reads)
+    for read in stmt.reads:
+        if _buffer_bytes(read.source) > STREAMED_INPUT_BYTES and _mentions(read.region[-1].min, {col}):
+            return read.source
+    return None
 
 
-# Inputs larger than this come from memory rather than cache on every call (beyond the L2s and a fair
-# share of the shared L3).
-STREAMED_INPUT_BYTES = 8 * 1024 * 1024
+# Accumulators of a register tile over a streamed input (`streamed_tile`).
+STREAMED_TILE_REGISTERS = 9
+
+
+def streamed_tile(m: int, n: int, lanes: int) -> Tile | None:
+    """The register tile of a reduction over a streamed input (`_streamed_column_input`): every channel of a
+    few output pixels, so each pass over the input reads whole pixels in address order. The usual tile
+    (8 pixels x 32 of 96 channels) reads a third of each pixel per pass and was 2.3x slower on MobileNet-v2's
+    stride-2 depthwise conv at batch 8 (8x112x112x96: 3.1 ms, against 1.35 ms for 1 pixel x 96 channels);
+    at 8x56x56x144, 1-3 pixels x 144 channels took 1.2-1.5 ms against 1.8-2.1 ms. None: too many channels
+    for the register file."""
+    vregs = -(-n // lanes)
+    if vregs > STREAMED_TILE_REGISTERS:
+        return None
+    rows = max(d for d in _divisors(m) if d * vregs <= STREAMED_TILE_REGISTERS or d == 1)
+    return Tile(rows=rows, cols=n)
+
+
+# Inputs larger than this come from the shared L3 or memory in a whole model, not from a core's L2 (1 MiB
+# on Zen 4). Timed alone, a kernel finds its input in cache at any size, so the threshold was set on whole
+# models: MobileNet-v2 was 1.07-1.14x faster at batch 1 and 1.04x at batch 8 with 1 MiB than with 8 MiB.
+STREAMED_INPUT_BYTES = 1024 * 1024
 
 
 def _same_shape(a: tirx.BufferRegion, b: tirx.BufferRegion) -> bool:

@@ -176,6 +176,23 @@ def test_depthwise_padding_is_inlined_for_inputs_beyond_the_cache(size, inlined)
     _check(model, [1, 320, size, size])
 
 
+def test_streamed_depthwise_tiles_span_whole_pixels():
+    """A depthwise conv over an input beyond the cache computes all channels of one pixel per register tile
+    (96 channels: six vectors), reading each input pixel whole; the result still matches ONNX Runtime."""
+    lanes = cpu_schedule.vector_lanes(_target())
+    assert cpu_schedule.streamed_tile(56, 96, 16) == cpu_schedule.Tile(rows=1, cols=96)
+    assert cpu_schedule.streamed_tile(112, 32, 16) == cpu_schedule.Tile(rows=4, cols=32)
+    assert cpu_schedule.streamed_tile(28, 192, 16) is None  # 12 vectors: the usual tile
+    inits: dict[str, np.ndarray] = {}
+    nodes = [_conv("c", "x", 96, 96, 3, stride=2, group=96, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [1, 96, 112, 112], [1, 96, 56, 56], inits)
+    conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+    text = conv.script()
+    assert f"T.unroll(T.int64({96 // lanes}))" in text and f"T.vectorized(T.int64({lanes}))" in text, text
+    assert "T.parallel(T.int64(3136))" in text, text  # one pixel of 56 x 56 per parallel iteration
+    _check(model, [1, 96, 112, 112])
+
+
 def test_odd_channel_counts_are_padded_to_whole_vectors():
     """116 output channels (ShuffleNet) are computed as 128 with full-width vectors, then sliced."""
     from sparsecc.codegen.layout import padded_channels
