@@ -19,6 +19,7 @@ the one legalization wrote, so results match the unscheduled functions up to FMA
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import tvm
@@ -279,8 +280,12 @@ class Contraction(CPUScheduleRule):
         if self.variant >= len(tiles):
             return None
         tile = tiles[self.variant]
-        if streamed is not None and self.variant == 0:
-            tile = streamed_tile(m_ext or 1, n_ext, lanes) or tile
+        if self.variant == 0 and streamed is not None:
+            tile = pixel_tile(m_ext or 1, n_ext, lanes, STREAMED_TILE_REGISTERS) or tile
+        elif (self.variant == 0 and _buffer_bytes(stmt.writes[0].source) > STREAMED_OUTPUT_BYTES
+              and math.prod(_extent(sch, lp) or 1 << 30 for lp in reduce) <= WRITE_BOUND_REDUCTION):
+            budget = vector_registers(target) * 3 // 4
+            tile = pixel_tile(m_ext or 1, n_ext, lanes, budget, min_rows=2) or tile
         vec = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if v >= 1 and tile.cols % v == 0)
         col_o, col_v, col_i = sch.split(spatial[-1], factors=[None, tile.cols // vec, vec])
         if n_spatial >= 2:
@@ -335,7 +340,7 @@ def _streamed_column_input(stmt: s_tir.SBlock, n_spatial: int) -> tirx.Buffer | 
     - a padding pass over the input costs as much memory traffic as the conv itself, so the conv reads
       through the padding's bounds tests instead (MobileNet-v2's depthwise convs at batch 8: 5.3 ms with
       the pass, 3.3 ms without); on inputs that stay in a core's cache the pass is cheap;
-    - the register tile spans whole pixels (`streamed_tile`)."""
+    - the register tile spans whole pixels (`pixel_tile`)."""
     col = stmt.iter_vars[n_spatial - 1].var
     for read in stmt.reads:
         if _buffer_bytes(read.source) > STREAMED_INPUT_BYTES and _mentions(read.region[-1].min, {col}):
@@ -343,21 +348,31 @@ def _streamed_column_input(stmt: s_tir.SBlock, n_spatial: int) -> tirx.Buffer | 
     return None
 
 
-# Accumulators of a register tile over a streamed input (`streamed_tile`).
+# Accumulators of a register tile over a streamed input (`pixel_tile`). Its multiply-adds share no operand
+# but the weight, so more rows only lengthen the window of pixels read at once.
 STREAMED_TILE_REGISTERS = 9
 
+# Outputs larger than this (half the shared L3) are written to memory. Where each output element also
+# takes at most WRITE_BOUND_REDUCTION multiply-adds, writing it is the cost, and `pixel_tile` applies. (A
+# compute-bound reduction keeps the usual tile: Inception's first Winograd matmul at batch 8, 77 MB of
+# output from 64 channels, took 50 ms with 2 pixels x 192 channels against 21 ms.)
+STREAMED_OUTPUT_BYTES = 16 * 1024 * 1024
+WRITE_BOUND_REDUCTION = 32
 
-def streamed_tile(m: int, n: int, lanes: int) -> Tile | None:
-    """The register tile of a reduction over a streamed input (`_streamed_column_input`): every channel of a
-    few output pixels, so each pass over the input reads whole pixels in address order. The usual tile
-    (8 pixels x 32 of 96 channels) reads a third of each pixel per pass and was 2.3x slower on MobileNet-v2's
-    stride-2 depthwise conv at batch 8 (8x112x112x96: 3.1 ms, against 1.35 ms for 1 pixel x 96 channels);
-    at 8x56x56x144, 1-3 pixels x 144 channels took 1.2-1.5 ms against 1.8-2.1 ms. None: too many channels
-    for the register file."""
+
+def pixel_tile(m: int, n: int, lanes: int, accumulators: int, min_rows: int = 1) -> Tile | None:
+    """A register tile of every channel of a few output pixels, so that each tile reads (or writes) whole
+    pixels in address order; None when fewer than `min_rows` pixels fit in `accumulators` vector registers.
+    For reductions over a streamed input (`_streamed_column_input`) and outputs beyond the cache. Measured at
+    batch 8, against the usual tile of 8 pixels x 32 or 48 channels:
+    - MobileNet-v2's stride-2 depthwise conv, 8x112x112x96: 1.35 ms for 1 pixel x 96 channels, 3.1 ms;
+      at 8x56x56x144, 1-3 pixels x 144 channels took 1.2-1.5 ms against 1.8-2.1 ms;
+    - 1x1 convs with 16 input channels writing 26-51 MB (112x112 x 64, 96, 128 channels): 1.4-2.2x faster
+      (16 -> 96: 4 pixels x 96 channels 2.0 ms, against 4.7 ms). At 10-14 MB outputs the tiles tie."""
     vregs = -(-n // lanes)
-    if vregs > STREAMED_TILE_REGISTERS:
+    rows = max(d for d in _divisors(m) if d * vregs <= accumulators or d == 1)
+    if rows < min_rows or rows * vregs > accumulators:
         return None
-    rows = max(d for d in _divisors(m) if d * vregs <= STREAMED_TILE_REGISTERS or d == 1)
     return Tile(rows=rows, cols=n)
 
 

@@ -180,9 +180,11 @@ def test_streamed_depthwise_tiles_span_whole_pixels():
     """A depthwise conv over an input beyond the cache computes all channels of one pixel per register tile
     (96 channels: six vectors), reading each input pixel whole; the result still matches ONNX Runtime."""
     lanes = cpu_schedule.vector_lanes(_target())
-    assert cpu_schedule.streamed_tile(56, 96, 16) == cpu_schedule.Tile(rows=1, cols=96)
-    assert cpu_schedule.streamed_tile(112, 32, 16) == cpu_schedule.Tile(rows=4, cols=32)
-    assert cpu_schedule.streamed_tile(28, 192, 16) is None  # 12 vectors: the usual tile
+    assert cpu_schedule.pixel_tile(56, 96, 16, 9) == cpu_schedule.Tile(rows=1, cols=96)
+    assert cpu_schedule.pixel_tile(112, 32, 16, 9) == cpu_schedule.Tile(rows=4, cols=32)
+    assert cpu_schedule.pixel_tile(28, 192, 16, 9) is None  # 12 vectors: the usual tile
+    assert cpu_schedule.pixel_tile(112, 96, 16, 24, min_rows=2) == cpu_schedule.Tile(rows=4, cols=96)
+    assert cpu_schedule.pixel_tile(112, 256, 16, 24, min_rows=2) is None
     inits: dict[str, np.ndarray] = {}
     nodes = [_conv("c", "x", 96, 96, 3, stride=2, group=96, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
     model = _model(nodes, [1, 96, 112, 112], [1, 96, 56, 56], inits)
@@ -191,6 +193,24 @@ def test_streamed_depthwise_tiles_span_whole_pixels():
     assert f"T.unroll(T.int64({96 // lanes}))" in text and f"T.vectorized(T.int64({lanes}))" in text, text
     assert "T.parallel(T.int64(3136))" in text, text  # one pixel of 56 x 56 per parallel iteration
     _check(model, [1, 96, 112, 112])
+
+
+def test_outputs_beyond_the_cache_are_written_in_whole_pixels():
+    """A 1x1 conv from 16 channels writing 19 MB (beyond half the L3) computes 4 pixels x all 96 channels per
+    register tile, so each tile writes its pixels whole. A 5 MB output keeps the usual tile of 32 or 48
+    channels, and so does a 3x3 conv, whose 144 multiply-adds per output make it compute-bound."""
+    lanes = cpu_schedule.vector_lanes(_target())
+    for batch, k, whole in ((4, 1, True), (1, 1, False), (4, 3, False)):
+        inits: dict[str, np.ndarray] = {}
+        nodes = [_conv("c", "x", 16, 96, k, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+        model = _model(nodes, [batch, 16, 112, 112], [batch, 96, 112, 112], inits)
+        assert (batch * 112 * 112 * 96 * 4 > cpu_schedule.STREAMED_OUTPUT_BYTES) == (batch == 4)
+        conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+        text = conv.script()
+        assert (f"T.parallel(T.int64({batch * 112 * 112 // 4}))" in text) == whole, text
+        assert (f"T.unroll(T.int64({96 // lanes}))" in text) == whole, text
+        if whole:
+            _check(model, [batch, 16, 112, 112])
 
 
 def test_odd_channel_counts_are_padded_to_whole_vectors():
