@@ -263,6 +263,8 @@ def test_choose_cols_uses_whole_vectors():
     assert cpu_schedule.choose_cols(116, 16) == 4
     tile = cpu_schedule.choose_tile(56, 64, 16, 32)
     assert tile.cols == 32 and 56 % tile.rows == 0 and tile.rows * 2 <= 24
+    assert cpu_schedule.choose_tile(13, 1008, 16, 32) == cpu_schedule.Tile(13, 16)  # no masked row tail
+    assert cpu_schedule.choose_tile(31, 64, 16, 32) == cpu_schedule.Tile(12, 32)  # too wide: masked tail
 
 
 def test_tile_candidates_start_with_the_default():
