@@ -55,6 +55,12 @@ MIN_TILES = 32
 # direct; at 28x28, 12.8 MB, Winograd still wins: 1.8 against 2.1 ms).
 STREAMED_TRANSFORM_BYTES = 32 * 1024 * 1024
 MIN_STREAMED_COLUMNS = 64
+# Where the transformed input and output together leave the cores' L2s, a matmul over fewer than 64 input
+# channels is too short a reduction to pay for writing and reading them back (SqueezeNet at batch 8, timed
+# inside whole runs: 32 -> 128 channels at 27x27, 16 MB transformed, 2.7 ms against 2.1 ms direct; 48 -> 192
+# at 13x13, 6 MB, 1.3 against 1.15 ms; 64 -> 256 at 13x13 still wins, 1.85 against 2.1 ms).
+CACHED_TRANSFORM_BYTES = 4 * 1024 * 1024
+MIN_STREAMED_CHANNELS = 64
 
 
 def weight_transform(w_hwio: np.ndarray) -> np.ndarray:
@@ -136,6 +142,8 @@ def worth_it(ci: int, co: int, out_shape: list[int]) -> bool:
     n, ho, wo, _ = out_shape
     tiles = n * _tiles(ho) * _tiles(wo)
     if 16 * tiles * ci * 4 > STREAMED_TRANSFORM_BYTES and co < MIN_STREAMED_COLUMNS:
+        return False
+    if 16 * tiles * (ci + co) * 4 > CACHED_TRANSFORM_BYTES and ci < MIN_STREAMED_CHANNELS:
         return False
     return ci >= MIN_CHANNELS and co >= MIN_CHANNELS and tiles >= MIN_TILES
 

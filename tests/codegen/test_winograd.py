@@ -90,7 +90,10 @@ def test_other_convs_stay_direct(case):
     assert not any("winograd" in n for n in names), names
 
 
-def test_transforms_beyond_the_cache_need_enough_output_channels():
+def test_transforms_beyond_the_cache_need_enough_channels():
     assert winograd.worth_it(128, 32, [8, 28, 28, 32])      # 12.8 MB transformed: still in the last-level cache
     assert not winograd.worth_it(128, 32, [8, 56, 56, 32])  # 51 MB read back for 32 columns each
     assert winograd.worth_it(128, 64, [8, 56, 56, 64])      # 51 MB, reused for 64 columns
+    assert not winograd.worth_it(32, 128, [8, 27, 27, 128])  # 16 MB for a 32-long reduction
+    assert winograd.worth_it(32, 128, [1, 27, 27, 128])      # 2 MB: in cache
+    assert winograd.worth_it(64, 256, [8, 13, 13, 256])
