@@ -213,6 +213,19 @@ def test_outputs_beyond_the_cache_are_written_in_whole_pixels():
             _check(model, [batch, 16, 112, 112])
 
 
+def test_projection_input_rows_are_copied_per_tile():
+    """A 1x1 projection from 144 channels reading 4.7 MB (beyond the L2s) copies each tile's input rows to a
+    contiguous buffer before the multiply-adds; a 1.8 MB input, or 32 input channels, is read in place."""
+    for size, c_in, copied in ((90, 144, True), (56, 144, False), (200, 32, False)):
+        inits: dict[str, np.ndarray] = {}
+        nodes = [_conv("c", "x", c_in, 32, 1, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+        model = _model(nodes, [1, c_in, size, size], [1, 32, size, size], inits)
+        conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+        assert ('_global = T.sblock_alloc_buffer' in conv.script()) == copied, conv.script()
+        if copied:
+            _check(model, [1, c_in, size, size])
+
+
 def test_odd_channel_counts_are_padded_to_whole_vectors():
     """116 output channels (ShuffleNet) are computed as 128 with full-width vectors, then sliced."""
     from sparsecc.codegen.layout import padded_channels
