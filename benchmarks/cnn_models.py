@@ -8,7 +8,8 @@ SqueezeNet 1.1 (fire modules, biased convs without BN) and ShuffleNet-v2 (channe
 `EXTRA_CNNS` holds topologies kept out of the default benchmark list (run them by name): EfficientNet-B0
 (MBConv with 3x3/5x5 depthwise convs, SiLU as x * Sigmoid(x), squeeze-excitation), MobileNet-v3-small
 (HardSwish, HardSigmoid squeeze-excitation), ResNet-18 (basic blocks) and VGG-11 (large 3x3 convs, max
-pooling, a 25088 x 4096 fully connected layer).
+pooling, a 25088 x 4096 fully connected layer), ResNeXt-50 (grouped 3x3 convs) and AlexNet (11x11 stride-4
+and 5x5 convs).
 """
 
 from __future__ import annotations
@@ -299,6 +300,49 @@ def vgg11(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 10
     return g.finish(g.gemm(x, hidden, classes), [batch, 3, size, size], [batch, classes])
 
 
+def resnext50(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 1000,
+              groups: int = 32) -> onnx.ModelProto:
+    """ResNeXt-50 32x4d (torchvision `resnext50_32x4d`): ResNet-50's bottlenecks with twice the middle
+    channels, their 3x3 convs in 32 groups."""
+    g = GraphBuilder("resnext50", 0)
+    c = _ch(64, width)
+    x = _maxpool(g, g.conv_bn("input", 3, c, 7, stride=2))
+    for stage, n in enumerate((3, 4, 6, 3)):
+        mid, out = _ch(128 * 2**stage, width), _ch(256 * 2**stage, width)
+        for i in range(n):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            y = g.conv_bn(x, c, mid, 1)
+            y = g.conv_bn(y, mid, mid, 3, stride=stride, group=groups)
+            y = g.conv_bn(y, mid, out, 1, relu=False)
+            sc = g.conv_bn(x, c, out, 1, stride=stride, relu=False) if (stride != 1 or c != out) else x
+            x, c = g.op("Relu", [g.op("Add", [y, sc])]), out
+    return g.finish(_head(g, x, c, classes), [batch, 3, size, size], [batch, classes])
+
+
+def alexnet(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 1000,
+            hidden: int = 4096) -> onnx.ModelProto:
+    """AlexNet (torchvision `alexnet`): an 11x11 stride-4 conv, a 5x5 conv, three 3x3 convs, overlapping
+    3x3 stride-2 max pools, then three fully connected layers on the 256 x 6 x 6 map."""
+    g = GraphBuilder("alexnet", 0)
+
+    def conv(x: str, c_in: int, c_out: int, k: int, stride: int, pad: int) -> str:
+        w = g.const("conv_w", g.he_normal((c_out, c_in, k, k), fan_in=c_in * k * k))
+        b = g.small_normal("conv_b", (c_out,))
+        return g.op("Relu", [g.op("Conv", [x, w, b], kernel_shape=[k, k], strides=[stride, stride],
+                                  pads=[pad] * 4)])
+
+    c1, c2, c3, c4 = (_ch(c, width) for c in (64, 192, 384, 256))
+    x = _maxpool(g, conv("input", 3, c1, 11, 4, 2), pad=0)
+    x = _maxpool(g, conv(x, c1, c2, 5, 1, 2), pad=0)
+    x = _maxpool(g, conv(conv(conv(x, c2, c3, 3, 1, 1), c3, c4, 3, 1, 1), c4, c4, 3, 1, 1), pad=0)
+    hw = ((size + 4 - 11) // 4 + 1 - 3) // 2 + 1
+    hw = ((hw - 3) // 2 + 1 - 3) // 2 + 1
+    x = g.op("Flatten", [x], axis=1)
+    x = g.op("Relu", [g.gemm(x, c4 * hw * hw, hidden)])
+    x = g.op("Relu", [g.gemm(x, hidden, hidden)])
+    return g.finish(g.gemm(x, hidden, classes), [batch, 3, size, size], [batch, classes])
+
+
 CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet50": resnet50,
     "densenet121": densenet121,
@@ -314,4 +358,6 @@ EXTRA_CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "mobilenet_v3_small": mobilenet_v3_small,
     "resnet18": resnet18,
     "vgg11": vgg11,
+    "resnext50": resnext50,
+    "alexnet": alexnet,
 }

@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from . import concat_split, conv_pack, cpu_schedule, layout, tuning, winograd
+from . import concat_split, conv_pack, cpu_schedule, group_conv, layout, tuning, winograd
 
 
 def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None = None) -> tvm.transform.Pass:
@@ -30,7 +30,7 @@ def lowering_passes(target: tvm.target.Target, tune: int = 0, tune_db: str | Non
     return (
         layout.layout_passes(target)
         + [concat_split.split_concat_convs(), winograd.rewrite_winograd(target),
-           conv_pack.pack_conv_weights(target)]
+           group_conv.rewrite_grouped_convs(target), conv_pack.pack_conv_weights(target)]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
         + tuning.tuning_passes(target, tune, tune_db)
