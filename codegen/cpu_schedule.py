@@ -131,6 +131,11 @@ def column_tile(m: int, n: int, target: Target) -> int:
     return choose_tile(m, n, vector_lanes(target), vector_registers(target)).cols
 
 
+def vector_width(cols: int, lanes: int) -> int:
+    """Lanes of the vectors a register tile of `cols` columns is computed with: full, half or quarter width."""
+    return next(v for v in (lanes, lanes // 2, lanes // 4, 1) if v >= 1 and cols % v == 0)
+
+
 def _simple_loop_nest(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     """Whether the block's loops bind its iter vars one to one, in order (what legalization emits)."""
     stmt = sch.get(block)
@@ -292,7 +297,7 @@ class Contraction(CPUScheduleRule):
               and math.prod(_extent(sch, lp) or 1 << 30 for lp in reduce) <= WRITE_BOUND_REDUCTION):
             budget = vector_registers(target) * 3 // 4
             tile = pixel_tile(m_ext or 1, n_ext, lanes, budget, min_rows=2) or tile
-        vec = next(v for v in (lanes, lanes // 2, lanes // 4, 1) if v >= 1 and tile.cols % v == 0)
+        vec = vector_width(tile.cols, lanes)
         col_o, col_v, col_i = sch.split(spatial[-1], factors=[None, tile.cols // vec, vec])
         if n_spatial >= 2:
             row_o, row_i = sch.split(spatial[-2], factors=[None, tile.rows])

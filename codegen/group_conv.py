@@ -12,8 +12,8 @@ contraction schedule vectorizes it. The 2k - 1 shifts cost (2k - 1) / k as many 
 conv; the zero-padded input (k - 1 channels on each side) keeps every shifted read in bounds.
 
 `rewrite_grouped_convs(target)` takes the NHWC float32 convs with a constant weight, more than one group, and
-equal input and output channels per group, fewer than a vector's lanes on the target (depthwise convs, one
-channel per group, are vectorized as they are).
+equal input and output channels per group, where the default schedule's vectors would span several groups
+(depthwise convs, one channel per group, are vectorized as they are).
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .conv_pack import dtype_or_none
-from .cpu_schedule import vector_lanes
+from .cpu_schedule import column_tile, vector_lanes, vector_width
 from .frontend import rewrite_relax_functions
 
 OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind::kOutEWiseFusable: the epilogue (bias, BN, activation) fuses
 
-# Measured on ResNeXt-50's 3x3 convs at batch 1, 2 threads, AVX-512 (16 lanes), grouped against shifted:
+# Measured at batch 1, 2 threads, AVX-512 (16 lanes), grouped against shifted: ResNeXt-50's 3x3 convs at
 # 56x56x128 in groups of 4 3064 / 713 us; 28x28x256 in groups of 8 3032 / 457 us (25.4 / 4.4 ms at batch 8).
-# From a vector's width up, all lanes share a group and the grouped conv vectorizes as it is: 14x14x512 in
-# groups of 16 181 / 465 us, 7x7x1024 in groups of 32 228 / 484 us. So the rewrite takes groups narrower
-# than the target's vector.
+# Where each vector of the schedule lies within one group, the grouped conv vectorizes as it is: 14x14x512
+# in groups of 16 181 / 465 us, 7x7x1024 in groups of 32 228 / 484 us, and RegNet's 28x28x56 in groups of 8
+# (computed with 8-lane vectors, 56 not being a multiple of 16) 50 / 101 us. So the rewrite takes the convs
+# whose vectors span several groups.
 
 
 def shifted_weight(w_hwio: np.ndarray) -> np.ndarray:
@@ -61,8 +62,8 @@ def _shifted_conv(x: te.Tensor, w: te.Tensor, out_shape: list[int], strides: lis
     return te.compute(out_shape, y, name="group_conv2d_shifted")
 
 
-def grouped_conv_weight(call: relax.Call, lanes: int) -> np.ndarray | None:
-    """The grouped HWIO weight of a conv this pass rewrites on a target with `lanes` float32 lanes, or None."""
+def grouped_conv_weight(call: relax.Call, target: tvm.target.Target) -> np.ndarray | None:
+    """The grouped HWIO weight of a conv this pass rewrites on `target`, or None."""
     if call.op != tvm.ir.Op.get("relax.nn.conv2d") or not isinstance(call.args[1], tvm.ir.Constant):
         return None
     a = call.attrs
@@ -72,21 +73,25 @@ def grouped_conv_weight(call: relax.Call, lanes: int) -> np.ndarray | None:
     if groups == 1 or w.dtype != "float32" or call.ty.shape is None:
         return None
     k, c_out = int(w.shape[2]), int(w.shape[3])
-    if k == 1 or k >= lanes or c_out != groups * k:
+    if k == 1 or c_out != groups * k:
         return None
+    out_w = int(call.ty.shape.values[2])
+    width = vector_width(column_tile(out_w, c_out, target), vector_lanes(target))
+    if width <= k and k % width == 0:
+        return None  # each vector lies within one group: the grouped conv vectorizes as it is
     return w.numpy()
 
 
 @mutator
 class _GroupedConvs(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
-        self.lanes = lanes
+        self.target = target
         self.convs: list[relax.GlobalVar] = []
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        w = grouped_conv_weight(call, self.lanes)
+        w = grouped_conv_weight(call, self.target)
         if w is None:
             return call
         a, k = call.attrs, w.shape[2]
@@ -105,7 +110,7 @@ def rewrite_grouped_convs(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="GroupedConvShifts")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _GroupedConvs(mod, vector_lanes(target))
+        rewriter = _GroupedConvs(mod, target)
         mod = rewrite_relax_functions(mod, rewriter)
         for gv in rewriter.convs:
             mod[gv] = mod[gv].with_attr("op_pattern", OUT_EWISE_FUSABLE)

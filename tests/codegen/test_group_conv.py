@@ -69,6 +69,7 @@ def test_shifted_grouped_conv_matches_ort(case):
     dict(c=512, groups=32, size=7, pads=[1, 1, 1, 1]),             # groups of 16: a whole vector per group
     dict(c=64, groups=64, size=7, pads=[1, 1, 1, 1]),              # depthwise
     dict(c=64, groups=16, size=7, c_out=128, pads=[1, 1, 1, 1]),   # 4 inputs but 8 outputs per group
+    dict(c=56, groups=7, size=28, pads=[1, 1, 1, 1]),              # RegNet: 56 channels in 8-lane vectors
 ])
 def test_other_grouped_convs_stay_grouped(case):
     target = cpu_target(2).target()
