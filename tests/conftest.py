@@ -35,6 +35,24 @@ def lowered_names(model: onnx.ModelProto, target) -> list[str]:
     return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
+def max_rel_error_vs_ort(model: onnx.ModelProto, x: np.ndarray, target) -> float:
+    """Compile a one-input model with the CPU lowering pipeline, run it on `x` and return its largest error
+    relative to ONNX Runtime's output (shapes asserted equal)."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from sparsecc.codegen import lowering
+
+    name = model.graph.input[0].name
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    ex = lowering.compile_module(from_onnx(model, keep_params_in_input=False), target)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert out.shape == ref.shape
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
 def conv_model(batch="N", seed=0) -> onnx.ModelProto:
     """Conv -> Relu -> Flatten -> Gemm with a dynamic batch dim."""
     rng = np.random.default_rng(seed)

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-import tvm
 from onnx import TensorProto, helper, numpy_helper
-from tvm import relax
-from tvm.relax.frontend.onnx import from_onnx
 
-from conftest import lowered_names, make_model
-from sparsecc.codegen import group_conv, lowering
+from conftest import lowered_names, make_model, max_rel_error_vs_ort
+from sparsecc.codegen import group_conv
 from sparsecc.codegen.cpu_schedule import vector_lanes
 from sparsecc.codegen.targets import cpu_target
 
@@ -58,11 +54,7 @@ def test_shifted_grouped_conv_matches_ort(case):
     assert not any("conv2d_nhwc" in n or n.startswith("fused_conv2d") for n in names), names
 
     x = RNG.standard_normal((case.get("batch", 1), case["c"], case["size"], case["size"])).astype(np.float32)
-    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    ex = lowering.compile_module(from_onnx(model, keep_params_in_input=False), target)
-    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    assert out.shape == ref.shape
-    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+    assert max_rel_error_vs_ort(model, x, target) < 1e-5
 
 
 @pytest.mark.parametrize("case", [

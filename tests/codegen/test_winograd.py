@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-import tvm
 from onnx import TensorProto, helper, numpy_helper
-from tvm import relax
-from tvm.relax.frontend.onnx import from_onnx
 
-from conftest import lowered_names, make_model
-from sparsecc.codegen import lowering, winograd
+from conftest import lowered_names, make_model, max_rel_error_vs_ort
+from sparsecc.codegen import winograd
 from sparsecc.codegen.targets import cpu_target
 
 RNG = np.random.default_rng(0)
@@ -66,11 +62,7 @@ def test_winograd_conv_matches_ort(case):
     assert any(n.startswith("fused_winograd_output") and "relu" in n for n in names), names  # epilogue fused
 
     x = RNG.standard_normal((case.get("batch", 1), case["c_in"], case["size"], case["size"])).astype(np.float32)
-    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    ex = lowering.compile_module(from_onnx(model, keep_params_in_input=False), target)
-    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    assert out.shape == ref.shape
-    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+    assert max_rel_error_vs_ort(model, x, target) < 1e-5
 
 
 @pytest.mark.parametrize("case", [
