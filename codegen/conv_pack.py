@@ -35,12 +35,14 @@ def dtype_or_none(dtype) -> str | None:
     return None if str(dtype) in ("", "void", "None") else str(dtype)
 
 
-def nhwc_conv_weight(call: relax.Call) -> tvm.runtime.Tensor | None:
-    """The HWIO float32 constant weight of a groups-1 NHWC `relax.nn.conv2d`, or None for any other call."""
+def nhwc_conv_weight(call: relax.Call, groups: int | None = 1) -> tvm.runtime.Tensor | None:
+    """The HWIO float32 constant weight of an NHWC `relax.nn.conv2d` with `groups` groups (None: any number),
+    or None for any other call."""
     if call.op != tvm.ir.Op.get("relax.nn.conv2d") or not isinstance(call.args[1], tvm.ir.Constant):
         return None
     attrs = call.attrs
-    if (str(attrs.data_layout), str(attrs.kernel_layout), int(attrs.groups)) != ("NHWC", "HWIO", 1):
+    if (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NHWC", "HWIO") or \
+            groups not in (None, int(attrs.groups)):
         return None
     w = call.args[1].value
     return w if str(attrs.out_layout) in ("NHWC", "") and w.dtype == "float32" else None

@@ -341,19 +341,18 @@ class Contraction(CPUScheduleRule):
         _vectorize_tail(sch, write_back, lanes)
         for p in pads:
             _schedule_spatial(sch, p, lanes)
-        rows_input = _streamed_rows_input(sch, sch.get(red), reduce, n_spatial)
-        if rows_input is not None and tile.cols >= n_ext:
+        rows_input = _streamed_rows_input(sch, sch.get(red), reduce, n_spatial) if tile.cols >= n_ext else None
+        if rows_input is not None:
             # Copy the tile's rows of input to a contiguous buffer first: one sequential stream from memory
             # instead of one per row, advancing a float per multiply-add step.
-            index = next(i for i, r in enumerate(sch.get(red).reads) if r.source.same_as(rows_input))
-            copy = sch.cache_read(red, index, "global")
+            copy = sch.cache_read(red, rows_input, "global")
             sch.compute_at(copy, fused)
             _vectorize_tail(sch, copy, lanes)
         return sch
 
 
-def _streamed_rows_input(sch: s_tir.Schedule, stmt: s_tir.SBlock, reduce: list, n_spatial: int) -> tirx.Buffer | None:
-    """The input rows of a 1x1 conv or matmul (a reduction over channels only) reducing over at least
+def _streamed_rows_input(sch: s_tir.Schedule, stmt: s_tir.SBlock, reduce: list, n_spatial: int) -> int | None:
+    """The index among `stmt`'s reads of the input rows of a 1x1 conv or matmul (a reduction over channels only) reducing over at least
     COPIED_ROWS_REDUCTION channels, when the input is too large for the L2s (STREAMED_ROWS_BYTES); None
     otherwise. MobileNet-v2's projections at batch 8, the input coming from memory: 144 -> 24 channels at
     56x56 2.2 -> 1.8 ms with the tile's rows copied first, 96 -> 24 1.4 -> 1.05 ms, 192 -> 32 at 28x28 0.68 ->
@@ -364,11 +363,11 @@ def _streamed_rows_input(sch: s_tir.Schedule, stmt: s_tir.SBlock, reduce: list, 
         return None
     iters = [iv.var for iv in stmt.iter_vars]
     col_var, row_vars = iters[n_spatial - 1], set(iters[: n_spatial - 1])
-    for read in stmt.reads:
+    for index, read in enumerate(stmt.reads):
         mins = [r.min for r in read.region]
         if (_buffer_bytes(read.source) > STREAMED_ROWS_BYTES and not any(_mentions(m, {col_var}) for m in mins)
                 and any(_mentions(m, row_vars) for m in mins)):
-            return read.source
+            return index
     return None
 
 

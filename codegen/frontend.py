@@ -35,6 +35,18 @@ def to_relax(model: Model) -> tvm.IRModule:
         raise Unsupported(f"{model.source}: TVM cannot import the model: {one_line(e)[:400]}") from None
 
 
+# relax's OpPatternKind::kOutEWiseFusable. TVM's AnnotateTIROpPattern keeps a pattern a PrimFunc already has.
+OUT_EWISE_FUSABLE = 4
+
+
+def mark_out_ewise_fusable(mod: tvm.IRModule, funcs: list[relax.GlobalVar]) -> tvm.IRModule:
+    """Give the PrimFuncs `funcs` op pattern kOutEWiseFusable: an elementwise epilogue (bias, BN, activation,
+    residual add) fuses into them, and they are not inlined into a neighbour that would recompute them."""
+    for gv in funcs:
+        mod[gv] = mod[gv].with_attr("op_pattern", OUT_EWISE_FUSABLE)
+    return mod
+
+
 def rewrite_relax_functions(mod: tvm.IRModule, mutator: PyExprMutator) -> tvm.IRModule:
     """Run a Relax mutator (constructed over `mod`) on every Relax function of `mod`; the rewritten module."""
     for gv, func in mod.functions_items():

@@ -23,11 +23,9 @@ import tvm
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .conv_pack import dtype_or_none
+from .conv_pack import dtype_or_none, nhwc_conv_weight
 from .cpu_schedule import column_tile, vector_lanes, vector_width
-from .frontend import rewrite_relax_functions
-
-OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind::kOutEWiseFusable: the epilogue (bias, BN, activation) fuses
+from .frontend import mark_out_ewise_fusable, rewrite_relax_functions
 
 # Measured at batch 1, 2 threads, AVX-512 (16 lanes), grouped against shifted: ResNeXt-50's 3x3 convs at
 # 56x56x128 in groups of 4 3064 / 713 us; 28x28x256 in groups of 8 3032 / 457 us (25.4 / 4.4 ms at batch 8).
@@ -64,13 +62,9 @@ def _shifted_conv(x: te.Tensor, w: te.Tensor, out_shape: list[int], strides: lis
 
 def grouped_conv_weight(call: relax.Call, target: tvm.target.Target) -> np.ndarray | None:
     """The grouped HWIO weight of a conv this pass rewrites on `target`, or None."""
-    if call.op != tvm.ir.Op.get("relax.nn.conv2d") or not isinstance(call.args[1], tvm.ir.Constant):
-        return None
-    a = call.attrs
-    if (str(a.data_layout), str(a.kernel_layout)) != ("NHWC", "HWIO") or str(a.out_layout) not in ("NHWC", ""):
-        return None
-    groups, w = int(a.groups), call.args[1].value
-    if groups == 1 or w.dtype != "float32" or call.ty.shape is None:
+    w = nhwc_conv_weight(call, groups=None)
+    groups = int(call.attrs.groups) if w is not None else 1
+    if groups == 1 or call.ty.shape is None:
         return None
     k, c_out = int(w.shape[2]), int(w.shape[3])
     if k == 1 or c_out != groups * k:
@@ -111,9 +105,6 @@ def rewrite_grouped_convs(target: tvm.target.Target) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="GroupedConvShifts")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _GroupedConvs(mod, target)
-        mod = rewrite_relax_functions(mod, rewriter)
-        for gv in rewriter.convs:
-            mod[gv] = mod[gv].with_attr("op_pattern", OUT_EWISE_FUSABLE)
-        return mod
+        return mark_out_ewise_fusable(rewrite_relax_functions(mod, rewriter), rewriter.convs)
 
     return _pass

@@ -32,14 +32,12 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .conv_pack import nhwc_conv_weight
-from .frontend import rewrite_relax_functions
+from .frontend import mark_out_ewise_fusable, rewrite_relax_functions
 
 # F(2x2, 3x3) (Lavin & Gray, eq. 7).
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 # Row i of B^T as (index, sign) pairs: two nonzeros each.
 BT_TERMS = [((0, 1), (2, -1)), ((1, 1), (2, 1)), ((2, 1), (1, -1)), ((1, 1), (3, -1))]
-
-OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind::kOutEWiseFusable (AnnotateTIROpPattern keeps a set pattern)
 
 # Below these channel counts the matmul's short reduction or narrow rows do not pay for the transforms'
 # extra memory passes.
@@ -199,10 +197,7 @@ def rewrite_winograd(target: tvm.target.Target) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="WinogradConv3x3")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rewriter = _Winograd(mod)
-        mod = rewrite_relax_functions(mod, rewriter)
-        for gv in rewriter.transforms:
-            mod[gv] = mod[gv].with_attr("op_pattern", OUT_EWISE_FUSABLE)
-        return mod
+        return mark_out_ewise_fusable(rewrite_relax_functions(mod, rewriter), rewriter.transforms)
 
     return _pass
 
