@@ -380,6 +380,22 @@ def test_silu_and_squeeze_excitation_use_vectorized_exp():
     assert "T.vectorized" in first and "T.parallel" not in first.split("T.vectorized")[1]
 
 
+def test_squeeze_excitation_scaling_a_large_map_runs_in_parallel():
+    """The gate conv of squeeze-and-excitation is tiny (8 -> 32 channels per image), but its broadcast Mul
+    scales the whole 4 x 56 x 56 x 32 feature map: the function runs in parallel over the images, each
+    thread scaling the images it computed, instead of on one thread."""
+    c, inits = 32, {}
+    nodes = [_conv("dw", "x", c, c, 3, group=c, inits=inits), helper.make_node("Relu", ["dw"], ["b"]),
+             helper.make_node("GlobalAveragePool", ["b"], ["g"]),
+             _conv("se1", "g", c, 8, 1, inits=inits), helper.make_node("Relu", ["se1"], ["r"]),
+             _conv("se2", "r", 8, c, 1, inits=inits), helper.make_node("Sigmoid", ["se2"], ["gate"]),
+             helper.make_node("Mul", ["b", "gate"], ["y"])]
+    model = _model(nodes, [4, c, 56, 56], [4, c, 56, 56], inits)
+    gate = next(f.script() for name, f in _prim_funcs(model).items() if "conv2d" in name and "multiply" in name)
+    assert "T.parallel(T.int64(4))" in gate, gate
+    _check(model, [4, c, 56, 56])
+
+
 def test_hard_swish_and_hard_sigmoid_follow_the_conv_layout():
     """MobileNet-v3's HardSwish and HardSigmoid arrive as Relax `clip`: rewritten to maximum/minimum, they are
     fused into the conv epilogues in NHWC instead of running between two transposes."""
