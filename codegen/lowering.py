@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from . import concat_split, conv_pack, cpu_schedule, group_conv, layout, tuning, winograd
+from . import concat_split, conv_pack, cpu_schedule, group_conv, layout, storage, tuning, winograd
 
 
 def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None = None) -> tvm.transform.Pass:
@@ -18,8 +18,7 @@ def relax_pipeline(target: tvm.target.Target, tune: int = 0, tune_db: str | None
     @tvm.transform.module_pass(opt_level=0, name="sparsecc_cpu_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            return tvm.transform.Sequential(lowering_passes(target, tune, tune_db)
-                                            + cpu_generic.finalize_passes(target))(mod)
+            return tvm.transform.Sequential(lowering_passes(target, tune, tune_db) + finalize_passes(target))(mod)
 
     return _pipeline
 
@@ -48,6 +47,13 @@ def lower_static(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,
             relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor()])(mod)
 
 
+def finalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """TVM's CPU finalization, with each planned tensor centred in its storage block (`storage`)."""
+    passes = list(cpu_generic.finalize_passes(target))
+    plan = next(i for i, p in enumerate(passes) if p.info.name == "StaticPlanBlockMemory")
+    return passes[:plan + 1] + [storage.center_tensors()] + passes[plan + 1:]
+
+
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,
                    tune_db: str | None = None, exec_mode: str = "bytecode") -> tvm.runtime.Executable:
     """`exec_mode="compiled"` turns the Relax VM's instruction stream into native code as well (TIR compiled
@@ -55,4 +61,4 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target, tune: int = 0,
     return relax.build(mod, target, relax_pipeline=relax_pipeline(target, tune, tune_db), exec_mode=exec_mode)
 
 
-__all__ = ["compile_module", "lower_static", "lowering_passes", "relax_pipeline", "relax"]
+__all__ = ["compile_module", "finalize_passes", "lower_static", "lowering_passes", "relax_pipeline", "relax"]
