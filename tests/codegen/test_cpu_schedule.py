@@ -246,15 +246,16 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
 
 def test_weights_larger_than_the_cache_are_swept_in_column_panels():
     """A 3x3 conv with 2.25 MiB of weights: all rows are swept over one cache-sized panel of columns at a
-    time, and the result still matches ONNX Runtime."""
+    time (with two threads, each thread sweeps its half of the rows), and the result still matches ONNX
+    Runtime."""
     assert cpu_schedule._panel_tiles(4 << 20, 64) == 8            # 64 KiB a tile: 8 tiles fill 512 KiB
     assert cpu_schedule._panel_tiles(100 << 10, 4) == 4           # small weights: one panel
     assert cpu_schedule._panel_tiles(8 << 20, 8) == 1             # 1 MiB a tile: one tile at a time
-    def conv_splits(c_in: int) -> int:
+    def conv_splits(c_in: int, threads: int = 2) -> int:
         inits: dict[str, np.ndarray] = {}
         nodes = [_conv("c", "x", c_in, 256, 3, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
         model = _model(nodes, [2, c_in, 6, 6], [2, 256, 6, 6], inits)
-        target = _target()
+        target = cpu_target(threads).target()
         with target:
             fused = tvm.transform.Sequential(layout.layout_passes(target) + cpu_generic.legalize_passes(target))(
                 from_onnx(model, keep_params_in_input=False))
@@ -264,7 +265,8 @@ def test_weights_larger_than_the_cache_are_swept_in_column_panels():
 
     model, big = conv_splits(256)  # 2.25 MiB of weights
     _, small = conv_splits(16)     # 144 KiB: one panel
-    assert big == small + 1
+    assert big == small + 2        # the panels, and the rows' split into one share per thread
+    assert conv_splits(256, threads=1)[1] == conv_splits(16, threads=1)[1] + 1
     _check(model, [2, 256, 6, 6])
 
 
