@@ -9,7 +9,8 @@ Networks", 2016):
 with the filter transform G g G^T folded into the weight at compile time. The conv becomes three functions:
 
 - input transform: V[e, p, c] = (B^T d_p B)[e] for every 4x4 tile p of the zero-padded input (B's entries are
-  0 and +-1: each element is a signed sum of four inputs);
+  0 and +-1: each element is a signed sum of four inputs), stored as V[t, e, q, c] with the tiles in one
+  block t per thread (`thread_parts`);
 - a batched matmul per tile element e: M[e, p, o] = sum_c V[e, p, c] U[e, c, o], the 16 / 36 of the direct
   conv's multiply-adds, scheduled by the default contraction rule like any matmul;
 - output transform: Y = A^T M_p A (a signed sum of nine elements), into which the conv's epilogue (bias, BN,
@@ -78,15 +79,18 @@ def _tiles(out_hw: int) -> int:
     return -(-out_hw // 2)
 
 
-def _input_transform(d: te.Tensor) -> te.Tensor:
-    """`d`: the input zero-padded to whole 4x4 tiles (2 x tiles + 2 rows and columns)."""
+def _input_transform(d: te.Tensor, parts: int) -> te.Tensor:
+    """`d`: the input zero-padded to whole 4x4 tiles (2 x tiles + 2 rows and columns). V[t, e, q, c] for tile
+    p = t * (tiles / parts) + q: one contiguous block of tiles per thread (`thread_parts`)."""
     n, hp, wp, c = (int(x) for x in d.shape)
     th, tw = (hp - 2) // 2, (wp - 2) // 2
+    share = n * th * tw // parts
     first = [t[0][0] for t in BT_TERMS]
     second, sign = [t[1][0] for t in BT_TERMS], [t[1][1] for t in BT_TERMS]
 
-    def v(e, p, ch):
+    def v(t, e, q, ch):
         eps, nu = e // 4, e % 4
+        p = t * share + q
         b, y0, x0 = p // (th * tw), p // tw % th * 2, p % tw * 2
         rows = [(_table(first, eps), 1.0), (_table(second, eps), tirx.Cast(d.dtype, _table(sign, eps)))]
         cols = [(_table(first, nu), 1.0), (_table(second, nu), tirx.Cast(d.dtype, _table(sign, nu)))]
@@ -100,23 +104,25 @@ def _input_transform(d: te.Tensor) -> te.Tensor:
                 total = term if total is None else total + term
         return total
 
-    return te.compute((16, n * th * tw, c), v, name="winograd_input")
+    return te.compute((parts, 16, share, c), v, name="winograd_input")
 
 
 def _batched_matmul(v: te.Tensor, u: te.Tensor) -> te.Tensor:
-    e, p, c = (int(d) for d in v.shape)
+    parts, e, share, c = (int(d) for d in v.shape)
     o = int(u.shape[2])
     k = te.reduce_axis((0, c), name="k")
-    return te.compute((e, p, o), lambda b, i, j: te.sum(v[b, i, k] * u[b, k, j], axis=k),
+    return te.compute((parts, e, share, o), lambda t, b, i, j: te.sum(v[t, b, i, k] * u[b, k, j], axis=k),
                       name="winograd_matmul")
 
 
 def _output_transform(m: te.Tensor, out_shape: list[int], out_dtype: str) -> te.Tensor:
     n, ho, wo, o = out_shape
     th, tw = _tiles(ho), _tiles(wo)
+    share = int(m.shape[2])
 
     def y(b, h, w, ch):
         p = b * (th * tw) + h // 2 * tw + w // 2
+        t, q = p // share, p % share
         rh, rw = h % 2, w % 2
         # Row r of A^T: elements r, r + 1, r + 2 with signs +, then -(r) twice.
         neg_h = tirx.Cast(m.dtype, 1 - 2 * rh)
@@ -124,7 +130,7 @@ def _output_transform(m: te.Tensor, out_shape: list[int], out_dtype: str) -> te.
         total = None
         for k in range(3):
             for j in range(3):
-                term = m[(rh + k) * 4 + rw + j, p, ch]
+                term = m[t, (rh + k) * 4 + rw + j, q, ch]
                 if k:
                     term = term * neg_h
                 if j:
@@ -133,6 +139,18 @@ def _output_transform(m: te.Tensor, out_shape: list[int], out_dtype: str) -> te.
         return total.astype(out_dtype) if out_dtype and out_dtype != m.dtype else total
 
     return te.compute((n, ho, wo, o), y, name="winograd_output")
+
+
+def thread_parts(tiles: int, threads: int) -> int:
+    """Blocks of tiles the transformed tensors are laid out in: one per thread when they divide evenly.
+
+    Each kernel's parallel loop is split into one contiguous range per thread, and the tensors' outer block
+    axis is the outermost loop of all three functions: a thread transforms, multiplies and transforms back
+    the tiles of its own images or rows, the ones the kernels around them give it. Laid out by tile element
+    first, every thread would read half of its tiles from the other core's cache (which need not be shared):
+    ResNet-50 at batch 8 took 323 ms against 308 ms where the cores share no L3, and 302 ms either way where
+    they do."""
+    return threads if threads > 1 and tiles % threads == 0 else 1
 
 
 def worth_it(ci: int, co: int, out_shape: list[int]) -> bool:
@@ -161,8 +179,9 @@ def winograd_conv(call: relax.Call) -> np.ndarray | None:
 
 @mutator
 class _Winograd(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, threads: int):
         super().__init__(mod)
+        self.threads = threads
         self.transforms: list[relax.GlobalVar] = []
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -181,7 +200,8 @@ class _Winograd(PyExprMutator):
         x = call.args[0]
         if top or left or bottom or right:
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
-        v = self.builder_.emit(self.builder_.call_te(_input_transform, x,
+        parts = thread_parts(out_shape[0] * _tiles(out_shape[1]) * _tiles(out_shape[2]), self.threads)
+        v = self.builder_.emit(self.builder_.call_te(_input_transform, x, parts,
                                                      primfunc_name_hint="winograd_input"))
         m = self.builder_.emit(self.builder_.call_te(
             _batched_matmul, v, relax.const(weight_transform(w)), primfunc_name_hint="winograd_matmul"))
@@ -196,7 +216,7 @@ def rewrite_winograd(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="WinogradConv3x3")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Winograd(mod)
+        rewriter = _Winograd(mod, int(target.attrs.get("num-cores", 1) or 1))
         return mark_out_ewise_fusable(rewrite_relax_functions(mod, rewriter), rewriter.transforms)
 
     return _pass

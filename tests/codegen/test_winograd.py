@@ -52,6 +52,7 @@ def _model(c_in: int, c_out: int, size: int, batch: int = 1, residual: bool = Fa
     dict(c_in=32, c_out=48, size=11, pads=[1, 1, 1, 1]),                # odd output: half-empty last tiles
     dict(c_in=40, c_out=64, size=12, pads=[0, 1, 2, 1]),                # asymmetric padding
     dict(c_in=32, c_out=32, size=7, batch=2, residual=True, pads=[1, 1, 1, 1]),
+    dict(c_in=32, c_out=32, size=13, pads=[1, 1, 1, 1]),                # 49 tiles: one block, not one per thread
 ])
 def test_winograd_conv_matches_ort(case):
     target = cpu_target(2).target()
@@ -63,6 +64,13 @@ def test_winograd_conv_matches_ort(case):
 
     x = RNG.standard_normal((case.get("batch", 1), case["c_in"], case["size"], case["size"])).astype(np.float32)
     assert max_rel_error_vs_ort(model, x, target) < 1e-5
+
+
+def test_tiles_are_laid_out_in_one_block_per_thread():
+    assert winograd.thread_parts(36, 2) == 2 and winograd.thread_parts(36, 4) == 4
+    assert winograd.thread_parts(25, 2) == 1 and winograd.thread_parts(36, 1) == 1
+    v = winograd._input_transform(winograd.te.placeholder((1, 14, 14, 8), name="d"), 2)
+    assert [int(d) for d in v.shape] == [2, 16, 18, 8]  # 6 x 6 tiles: 18 per thread
 
 
 @pytest.mark.parametrize("case", [
