@@ -12,6 +12,11 @@ compares two medians taken seconds apart, and the table reports the median ratio
 processes matter: in one process, the TVM runtime's thread pool (spinning workers) and ORT's
 compete for the same cores and whichever runs second is slowed. Ratio = ORT time / our time (> 1: faster).
 
+Where gcc is available, each round also measures how long the first two CPUs take to hand each other a cache
+line (`core_latency.c`, ns, printed per round as `c2c`): about 30 ns when they share an L3, about 170 ns on the
+machines in results/ when a virtual machine's two CPUs sit on different core complexes, which slows both
+ORT and us (by different amounts) and can change from one minute to the next.
+
     python benchmarks/dense_cpu.py                          # all models, batch 1 and 8, untuned
     python benchmarks/dense_cpu.py --models resnet50 --batches 1 --tune 2000
 """
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +98,35 @@ def time_in_child(kind: str, path: Path, threads: int, inputs: Path, runs: int) 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def latency_probe(work: Path) -> Callable[[], float | None]:
+    """A function returning the first two CPUs' cache-line handoff latency in ns (`core_latency.c`), or None
+    (no C compiler, one CPU)."""
+    exe = work / "core_latency"
+    try:
+        subprocess.run(["gcc", "-O2", "-pthread", str(HERE / "core_latency.c"), "-o", str(exe)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return lambda: None
+
+    def probe() -> float | None:
+        try:
+            return float(subprocess.run([str(exe)], capture_output=True, text=True, timeout=30, check=True).stdout)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    return probe
+
+
 def compare(model_file: Path, artifacts: dict[str, Path], threads: int, inputs: Path, rounds: int,
-            runs: int) -> dict[str, tuple[float, float, float]]:
-    """Per variant: (ORT median ms, ours median ms, median over rounds of ORT/ours)."""
+            runs: int, probe: Callable[[], float | None]) -> tuple[dict[str, tuple[float, float, float]], list]:
+    """Per variant: (ORT median ms, ours median ms, median over rounds of ORT/ours); and the CPUs' handoff
+    latency before each round."""
     ort_t: list[float] = []
     ours: dict[str, list[float]] = {k: [] for k in artifacts}
     ratios: dict[str, list[float]] = {k: [] for k in artifacts}
+    latency = []
     for _ in range(rounds):
+        latency.append(probe())
         o = time_in_child("ort", model_file, threads, inputs, runs)
         ort_t.append(o)
         for k, art in artifacts.items():
@@ -106,7 +134,7 @@ def compare(model_file: Path, artifacts: dict[str, Path], threads: int, inputs: 
             ours[k].append(u)
             ratios[k].append(o / u)
     return {k: (1e3 * float(np.median(ort_t)), 1e3 * float(np.median(ours[k])), float(np.median(ratios[k])))
-            for k in artifacts}
+            for k in artifacts}, latency
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.models or all_names()
     work = Path(tempfile.mkdtemp(prefix="sparsecc-bench-"))
     print(f"threads={threads} (ORT intra_op_num_threads={threads}); work dir {work}", flush=True)
+    probe = latency_probe(work)
 
     rows = []
     for name in names:
@@ -151,18 +180,21 @@ def main(argv: list[str] | None = None) -> None:
             runner = sparsecc.load(artifacts["untuned"])
             np.savez(inputs, **{s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in runner.inputs})
             del runner
-            res = compare(model_file, artifacts, threads, inputs, args.rounds, args.runs)
+            res, latency = compare(model_file, artifacts, threads, inputs, args.rounds, args.runs, probe)
+            c2c = "/".join("?" if ns is None else f"{ns:.0f}" for ns in latency)
             for variant, (o, u, r) in res.items():
                 rows.append(dict(model=name, batch=batch, variant=variant, ort_ms=o, ours_ms=u, ratio=r,
-                                 compile_s=compile_s[variant], max_rel_error=err))
+                                 compile_s=compile_s[variant], max_rel_error=err, c2c_ns=latency))
                 print(f"{name:>18} b{batch:<2} {variant:>8}: ORT {o:9.2f} ms  ours {u:9.2f} ms  "
-                      f"ratio {r:5.2f}  (compile {compile_s[variant]:.0f} s, rel err {err:.1e})", flush=True)
+                      f"ratio {r:5.2f}  (compile {compile_s[variant]:.0f} s, rel err {err:.1e}, c2c ns {c2c})",
+                      flush=True)
 
     print("\nratio = ORT time / our time (higher is better; >1 means faster than ONNX Runtime)")
-    print(f"{'model':>18} {'batch':>5} {'variant':>8} {'ORT ms':>9} {'ours ms':>9} {'ratio':>6}")
+    print(f"{'model':>18} {'batch':>5} {'variant':>8} {'ORT ms':>9} {'ours ms':>9} {'ratio':>6}  c2c ns")
     for r in rows:
+        c2c = "/".join("?" if ns is None else f"{ns:.0f}" for ns in r["c2c_ns"])
         print(f"{r['model']:>18} {r['batch']:>5} {r['variant']:>8} {r['ort_ms']:9.2f} {r['ours_ms']:9.2f} "
-              f"{r['ratio']:6.2f}")
+              f"{r['ratio']:6.2f}  {c2c}")
     for variant in sorted({r["variant"] for r in rows}):
         rs = [r["ratio"] for r in rows if r["variant"] == variant]
         geo = math.exp(sum(math.log(x) for x in rs) / len(rs))
