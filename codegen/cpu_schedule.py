@@ -318,7 +318,7 @@ class Contraction(CPUScheduleRule):
                 # several threads, each sweeps its own share of the rows (`_thread_rows`).
                 panel_o, col_o = sch.split(col_o, factors=[None, panel])
                 rows = outer[:-1]
-                share = _thread_rows(sch, rows, _threads(target))
+                share = _thread_rows(sch, rows, target_threads(target))
                 if share is not None:
                     outer = [share[0], panel_o, share[1], col_o]
                 else:
@@ -457,7 +457,8 @@ def _buffer_bytes(buf: tirx.Buffer) -> int:
 WEIGHT_PANEL_BYTES = 512 * 1024
 
 
-def _threads(target: Target) -> int:
+def target_threads(target: Target) -> int:
+    """The thread count a target was built for (`--threads`, recorded as its num-cores; 1 when unset)."""
     return int(target.attrs.get("num-cores", 1) or 1)
 
 

@@ -33,6 +33,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .conv_pack import nhwc_conv_weight
+from .cpu_schedule import target_threads
 from .frontend import mark_out_ewise_fusable, rewrite_relax_functions
 
 # F(2x2, 3x3) (Lavin & Gray, eq. 7).
@@ -216,7 +217,7 @@ def rewrite_winograd(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="WinogradConv3x3")
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Winograd(mod, int(target.attrs.get("num-cores", 1) or 1))
+        rewriter = _Winograd(mod, target_threads(target))
         return mark_out_ewise_fusable(rewrite_relax_functions(mod, rewriter), rewriter.transforms)
 
     return _pass
