@@ -117,6 +117,10 @@ def latency_probe(work: Path) -> Callable[[], float | None]:
     return probe
 
 
+def _c2c(latency: list[float | None]) -> str:
+    return "/".join("?" if ns is None else f"{ns:.0f}" for ns in latency)
+
+
 def compare(model_file: Path, artifacts: dict[str, Path], threads: int, inputs: Path, rounds: int,
             runs: int, probe: Callable[[], float | None]) -> tuple[dict[str, tuple[float, float, float]], list]:
     """Per variant: (ORT median ms, ours median ms, median over rounds of ORT/ours); and the CPUs' handoff
@@ -181,20 +185,18 @@ def main(argv: list[str] | None = None) -> None:
             np.savez(inputs, **{s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in runner.inputs})
             del runner
             res, latency = compare(model_file, artifacts, threads, inputs, args.rounds, args.runs, probe)
-            c2c = "/".join("?" if ns is None else f"{ns:.0f}" for ns in latency)
             for variant, (o, u, r) in res.items():
                 rows.append(dict(model=name, batch=batch, variant=variant, ort_ms=o, ours_ms=u, ratio=r,
                                  compile_s=compile_s[variant], max_rel_error=err, c2c_ns=latency))
                 print(f"{name:>18} b{batch:<2} {variant:>8}: ORT {o:9.2f} ms  ours {u:9.2f} ms  "
-                      f"ratio {r:5.2f}  (compile {compile_s[variant]:.0f} s, rel err {err:.1e}, c2c ns {c2c})",
+                      f"ratio {r:5.2f}  (compile {compile_s[variant]:.0f} s, rel err {err:.1e}, c2c ns {_c2c(latency)})",
                       flush=True)
 
     print("\nratio = ORT time / our time (higher is better; >1 means faster than ONNX Runtime)")
     print(f"{'model':>18} {'batch':>5} {'variant':>8} {'ORT ms':>9} {'ours ms':>9} {'ratio':>6}  c2c ns")
     for r in rows:
-        c2c = "/".join("?" if ns is None else f"{ns:.0f}" for ns in r["c2c_ns"])
         print(f"{r['model']:>18} {r['batch']:>5} {r['variant']:>8} {r['ort_ms']:9.2f} {r['ours_ms']:9.2f} "
-              f"{r['ratio']:6.2f}  {c2c}")
+              f"{r['ratio']:6.2f}  {_c2c(r['c2c_ns'])}")
     for variant in sorted({r["variant"] for r in rows}):
         rs = [r["ratio"] for r in rows if r["variant"] == variant]
         geo = math.exp(sum(math.log(x) for x in rs) / len(rs))

@@ -283,8 +283,9 @@ class Contraction(CPUScheduleRule):
         # batch 8 scaled 8x112x112x32 on one thread), and recomputed the chain for every pixel.
         epilogue = list(blocks[r + 1:])
         scale = []
-        if epilogue and _buffer_bytes(sch.get(epilogue[-1]).writes[0].source) > _buffer_bytes(stmt.writes[0].source) \
-                and all(_same_shape(sch.get(b).writes[0], stmt.writes[0]) for b in epilogue[:-1]):
+        out_bytes = _buffer_bytes(stmt.writes[0].source)
+        if (epilogue and _buffer_bytes(sch.get(epilogue[-1]).writes[0].source) > out_bytes
+                and all(_same_shape(sch.get(b).writes[0], stmt.writes[0]) for b in epilogue[:-1])):
             epilogue, scale = epilogue[:-1], epilogue[-1:]
         for b in epilogue[:-1]:
             try:
@@ -302,7 +303,7 @@ class Contraction(CPUScheduleRule):
         tile = tiles[self.variant]
         if self.variant == 0 and streamed is not None:
             tile = pixel_tile(m_ext or 1, n_ext, lanes, STREAMED_TILE_REGISTERS) or tile
-        elif (self.variant == 0 and _buffer_bytes(stmt.writes[0].source) > STREAMED_OUTPUT_BYTES
+        elif (self.variant == 0 and out_bytes > STREAMED_OUTPUT_BYTES
               and math.prod(_extent(sch, lp) or 1 << 30 for lp in reduce) <= WRITE_BOUND_REDUCTION):
             budget = vector_registers(target) * 3 // 4
             tile = pixel_tile(m_ext or 1, n_ext, lanes, budget, min_rows=2) or tile
@@ -369,9 +370,9 @@ class Contraction(CPUScheduleRule):
 
 
 def _streamed_rows_input(sch: s_tir.Schedule, stmt: s_tir.SBlock, reduce: list, n_spatial: int) -> int | None:
-    """The index among `stmt`'s reads of the input rows of a 1x1 conv or matmul (a reduction over channels only) reducing over at least
-    COPIED_ROWS_REDUCTION channels, when the input is too large for the L2s (STREAMED_ROWS_BYTES); None
-    otherwise. MobileNet-v2's projections at batch 8, the input coming from memory: 144 -> 24 channels at
+    """The index among `stmt`'s reads of the input rows of a 1x1 conv or matmul (a reduction over channels
+    only) reducing over at least COPIED_ROWS_REDUCTION channels, when the input is too large for the L2s
+    (STREAMED_ROWS_BYTES); None otherwise. MobileNet-v2's projections at batch 8, the input coming from memory: 144 -> 24 channels at
     56x56 2.2 -> 1.8 ms with the tile's rows copied first, 96 -> 24 1.4 -> 1.05 ms, 192 -> 32 at 28x28 0.68 ->
     0.60 ms. The copy repeats per column tile, so only reductions with one column tile qualify (ResNet-50's
     256 -> 64 lost 12%), and 3x3 convs lost 5% (DenseNet's 128 -> 32 at 56x56)."""

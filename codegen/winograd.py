@@ -80,6 +80,12 @@ def _tiles(out_hw: int) -> int:
     return -(-out_hw // 2)
 
 
+def _tile_count(out_shape: list[int]) -> int:
+    """2x2 output tiles of an NHWC output, over all images."""
+    n, ho, wo, _ = out_shape
+    return n * _tiles(ho) * _tiles(wo)
+
+
 def _input_transform(d: te.Tensor, parts: int) -> te.Tensor:
     """`d`: the input zero-padded to whole 4x4 tiles (2 x tiles + 2 rows and columns). V[t, e, q, c] for tile
     p = t * (tiles / parts) + q: one contiguous block of tiles per thread (`thread_parts`)."""
@@ -156,8 +162,7 @@ def thread_parts(tiles: int, threads: int) -> int:
 
 def worth_it(ci: int, co: int, out_shape: list[int]) -> bool:
     """Whether Winograd pays off for a conv from `ci` channels to an NHWC output of `out_shape`."""
-    n, ho, wo, _ = out_shape
-    tiles = n * _tiles(ho) * _tiles(wo)
+    tiles = _tile_count(out_shape)
     if 16 * tiles * ci * 4 > STREAMED_TRANSFORM_BYTES and co < MIN_STREAMED_COLUMNS:
         return False
     if 16 * tiles * (ci + co) * 4 > CACHED_TRANSFORM_BYTES and ci < MIN_STREAMED_CHANNELS:
@@ -201,7 +206,7 @@ class _Winograd(PyExprMutator):
         x = call.args[0]
         if top or left or bottom or right:
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0]))
-        parts = thread_parts(out_shape[0] * _tiles(out_shape[1]) * _tiles(out_shape[2]), self.threads)
+        parts = thread_parts(_tile_count(out_shape), self.threads)
         v = self.builder_.emit(self.builder_.call_te(_input_transform, x, parts,
                                                      primfunc_name_hint="winograd_input"))
         m = self.builder_.emit(self.builder_.call_te(

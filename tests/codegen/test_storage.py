@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
+from conftest import make_model, max_rel_error_vs_ort
 from sparsecc.codegen import lowering, storage
 from sparsecc.codegen.targets import cpu_target
-from tests.conftest import make_model, max_rel_error_vs_ort
 
 
 def _shrinking_model():
