@@ -395,15 +395,19 @@ STREAMED_ROWS_BYTES = 4 * 1024 * 1024
 
 def _streamed_column_input(stmt: s_tir.SBlock, n_spatial: int) -> tirx.Buffer | None:
     """The input a reduction reads at its own output column (a depthwise conv reads input channel c for output
-    channel c) when it is too large to stay in cache; None otherwise. Each element of such an input feeds
+    channel c, at the output's pixel) when it is too large to stay in cache; None otherwise. (A weight read at
+    the output column but at no pixel, such as Winograd's per tile element, is not one: it is reused by every
+    row.) Each element of such an input feeds
     only the few multiply-adds of its window, so the conv runs at the speed its input streams from memory:
     - a padding pass over the input costs as much memory traffic as the conv itself, so the conv reads
       through the padding's bounds tests instead (MobileNet-v2's depthwise convs at batch 8: 5.3 ms with
       the pass, 3.3 ms without); on inputs that stay in a core's cache the pass is cheap;
     - the register tile spans whole pixels (`pixel_tile`)."""
     col = stmt.iter_vars[n_spatial - 1].var
+    rows = {stmt.iter_vars[n_spatial - 2].var} if n_spatial >= 2 else set()
     for read in stmt.reads:
-        if _buffer_bytes(read.source) > STREAMED_INPUT_BYTES and _mentions(read.region[-1].min, {col}):
+        if (_buffer_bytes(read.source) > STREAMED_INPUT_BYTES and _mentions(read.region[-1].min, {col})
+                and any(_mentions(r.min, rows) for r in read.region)):
             return read.source
     return None
 
@@ -440,6 +444,10 @@ def pixel_tile(m: int, n: int, lanes: int, accumulators: int, min_rows: int = 1)
 # on Zen 4). Timed alone, a kernel finds its input in cache at any size, so the threshold was set on whole
 # models: MobileNet-v2 was 1.07-1.14x faster at batch 1 and 1.04x at batch 8 with 1 MiB than with 8 MiB.
 STREAMED_INPUT_BYTES = 1024 * 1024
+
+
+def _shape(buf: tirx.Buffer) -> list:
+    return [int(d) if isinstance(d, tirx.IntImm) else d for d in buf.shape]
 
 
 def _same_shape(a: tirx.BufferRegion, b: tirx.BufferRegion) -> bool:
@@ -535,9 +543,12 @@ class Elementwise(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
+        tile, tiled = _tile_annotation(sch, blocks)
         for b in blocks[:-1]:
             info = get_sblock_info(sch, b)
-            if info.is_injective() and not _keeps_copy(sch, b):
+            # A pixel-tile block and the elementwise chain after it are inlined although they select among
+            # expressions: each element is computed once anyway.
+            if info.is_injective() and (tiled(b) or not _keeps_copy(sch, b)):
                 try:
                     sch.compute_inline(b)
                 except Exception:  # noqa: BLE001
@@ -549,7 +560,8 @@ class Elementwise(CPUScheduleRule):
             if not loops:
                 continue
             if info.is_injective():
-                _schedule_spatial(sch, b, lanes)
+                if not (tiled(b) and _schedule_pixel_tiles(sch, b, tile, lanes)):
+                    _schedule_spatial(sch, b, lanes)
             else:
                 kinds = info.dom_kind()
                 n_lead = len(kinds) - len(kinds.lstrip("S"))
@@ -557,6 +569,45 @@ class Elementwise(CPUScheduleRule):
                     lead = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
                     sch.parallel(lead)
         return sch
+
+
+# Block annotation of a function computing each NHWC output pixel by one of tile x tile expressions, chosen
+# by the pixel's place in its tile (Winograd's output transform). Its rows and columns are split by the tile
+# and unrolled (`_schedule_pixel_tiles`).
+TILE_ANNOTATION = "sparsecc.pixel_tile"
+
+
+def _tile_annotation(sch: s_tir.Schedule, blocks: list) -> tuple:
+    """The pixel tile of the function's annotated block (or None), and a test for the blocks it applies
+    to: those writing a tensor of the annotated block's shape (its elementwise epilogue, not a padding)."""
+    annotated = [b for b in blocks if TILE_ANNOTATION in sch.get(b).annotations]
+    if not annotated:
+        return None, lambda _block: False
+    stmt = sch.get(annotated[0])
+    shape = _shape(stmt.writes[0].source)
+    return int(stmt.annotations[TILE_ANNOTATION]), lambda block: _shape(sch.get(block).writes[0].source) == shape
+
+
+def _schedule_pixel_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, tile: int, lanes: int) -> bool:
+    """Tiles of `tile` x `tile` pixels in parallel, then channel vectors, then the tile's pixels unrolled
+    (their expressions then fold to one each, sharing their common terms). False when the block is not an
+    NHWC loop nest."""
+    loops = sch.get_loops(block)
+    extents = [_extent(sch, lp) for lp in loops]
+    if len(loops) != 4 or None in extents:
+        return False
+    n, h, w, c = loops
+    h_o, h_i = sch.split(h, factors=[None, tile])
+    w_o, w_i = sch.split(w, factors=[None, tile])
+    width = math.gcd(extents[3], lanes)
+    c_o, c_i = sch.split(c, factors=[None, width])
+    sch.reorder(n, h_o, w_o, c_o, h_i, w_i, c_i)
+    sch.parallel(sch.fuse(n, h_o, w_o))
+    sch.unroll(h_i)
+    sch.unroll(w_i)
+    if width > 1:
+        sch.vectorize(c_i)
+    return True
 
 
 def _rules() -> list[CPUScheduleRule]:
