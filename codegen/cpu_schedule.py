@@ -498,15 +498,23 @@ def _panel_tiles(weight_bytes: int, col_tiles: int) -> int:
 
 
 def _weight_bytes(stmt: s_tir.SBlock, n_spatial: int) -> int:
-    """Bytes of the operands indexed by the column axis and not by the rows (the weights)."""
+    """Bytes of the operands indexed by the column axis and not by the rows (the weights), per slice: a
+    weight dimension indexed by an outer spatial axis (Winograd's tile element, a batched matmul's batch) is
+    one index at a time."""
     iters = [iv.var for iv in stmt.iter_vars]
-    col_var, row_vars = iters[n_spatial - 1], set(iters[: n_spatial - 1])
-
-    def uses(region, variables) -> bool:
-        return any(_mentions(r.min, variables) for r in region)
-
-    return sum(_buffer_bytes(read.source) for read in stmt.reads
-               if not uses(read.region, row_vars) and uses(read.region, {col_var}))
+    col_var, row_var, outer = iters[n_spatial - 1], iters[n_spatial - 2] if n_spatial >= 2 else None, \
+        set(iters[: max(n_spatial - 2, 0)])
+    total = 0
+    for read in stmt.reads:
+        mins = [r.min for r in read.region]
+        if (row_var is not None and any(_mentions(m, {row_var}) for m in mins)) or \
+                not any(_mentions(m, {col_var}) for m in mins):
+            continue
+        size = tvm.runtime.DataType(str(read.source.dtype)).bits // 8
+        for m, d in zip(mins, read.source.shape):
+            size *= 1 if _mentions(m, outer) else int(d) if isinstance(d, tirx.IntImm) else 1
+        total += size
+    return total
 
 
 def _mentions(expr: tirx.Expr, variables: set) -> bool:

@@ -107,8 +107,21 @@ def test_large_tile_weights_keep_the_register_tile():
     assert "i_1 in T.unroll(T.int64(1))" not in matmul and "i_1 in T.unroll(T.int64(8))" in matmul, matmul
 
 
+def test_weights_are_counted_per_tile_element():
+    """The weight panels of the batched matmul are sized by one tile element's weight (512 x 512 floats, 1 MB),
+    not all 36: the panel rule then keeps each swept panel in cache."""
+    from tvm import s_tir
+
+    from sparsecc.codegen import cpu_schedule
+    v = winograd.te.placeholder((1, 36, 32, 512), name="v")
+    u = winograd.te.placeholder((36, 512, 512), name="u")
+    sch = s_tir.Schedule(winograd.te.create_prim_func([v, u, winograd._batched_matmul(v, u)]))
+    assert cpu_schedule._weight_bytes(sch.get(sch.get_sblock("winograd_matmul")), 4) == 512 * 512 * 4
+
+
 def test_tiles_are_laid_out_in_one_block_per_thread():
-    assert winograd.thread_parts(36, 2) == 2 and winograd.thread_parts(36, 4) == 4
+    assert winograd.thread_parts(64, 2) == 2 and winograd.thread_parts(128, 4) == 4
+    assert winograd.thread_parts(36, 2) == 1  # 18 tiles per thread: weight-bound, split by tile element
     assert winograd.thread_parts(25, 2) == 1 and winograd.thread_parts(36, 1) == 1
     v = winograd._input_transform(winograd.te.placeholder((1, 14, 14, 8), name="d"), 2)
     assert [int(d) for d in v.shape] == [2, 16, 18, 8]  # 6 x 6 tiles: 18 per thread
