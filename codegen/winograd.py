@@ -1,28 +1,30 @@
-"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3): 2.25x fewer multiply-adds.
+"""3x3 convolutions by Winograd's minimal filtering F(m x m, 3x3): F(4x4) does 4x fewer multiply-adds, F(2x2) 2.25x.
 
-A stride-1 3x3 conv computes each 2x2 output tile from a 4x4 input tile with 36 multiply-adds per input and
-output channel pair; Winograd's F(2x2, 3x3) needs 16 (Lavin & Gray, "Fast Algorithms for Convolutional Neural
-Networks", 2016):
+A stride-1 3x3 conv computes each m x m output tile from an (m + 2) x (m + 2) input tile with 9 m^2
+multiply-adds per input and output channel pair; Winograd's algorithm needs (m + 2)^2: 36 instead of 144
+for F(4x4, 3x3), 16 instead of 36 for F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2016, whose matrices `Tiling` holds):
 
     Y = A^T [ (G g G^T) . (B^T d B) ] A
 
 with the filter transform G g G^T folded into the weight at compile time. The conv becomes three functions:
 
-- input transform: V[e, p, c] = (B^T d_p B)[e] for every 4x4 tile p of the zero-padded input (B's entries are
-  0 and +-1: each element is a signed sum of four inputs), stored as V[t, e, q, c] with the tiles in one
-  block t per thread (`thread_parts`);
-- a batched matmul per tile element e: M[e, p, o] = sum_c V[e, p, c] U[e, c, o], the 16 / 36 of the direct
-  conv's multiply-adds, scheduled by the default contraction rule like any matmul;
-- output transform: Y = A^T M_p A (a signed sum of nine elements), into which the conv's epilogue (bias, BN,
-  activation, residual add) fuses.
+- input transform: V[e, p, c] = (B^T d_p B)[e] for every tile p of the zero-padded input, stored as
+  V[t, e, q, c] with the tiles in one block t per thread (`thread_parts`). It is scheduled here
+  (`_input_schedule`): tiles in parallel, then channel vectors, then the (m + 2)^2 elements unrolled, each
+  a constant signed sum of the tile's inputs, which are read once;
+- a batched matmul per tile element e: M[e, p, o] = sum_c V[e, p, c] U[e, c, o], scheduled by the default
+  contraction rule like any matmul;
+- output transform: Y = A^T M_p A, into which the conv's epilogue (bias, BN, activation, residual add)
+  fuses. It is marked `kOutEWiseFusable` (an op pattern TVM's annotation keeps), so the epilogue fuses into
+  it and it is not inlined into a neighbour; its block carries the tile size, by which the CPU schedule
+  splits and unrolls the output rows and columns (`cpu_schedule.TILE_ANNOTATION`).
 
-Both transforms are marked `kOutEWiseFusable` (an op pattern TVM's annotation keeps): the epilogue fuses
-into the output transform, and neither is inlined into a neighbour that would recompute its sums several
-times per element.
-
-The transforms' entries are exact in floating point (0, +-1 and, in G, +-1/2), so the results match the
-direct conv to rounding (a different summation order). `rewrite_winograd(target)` takes the NHWC float32
-convs with constant weights where the matmul is large enough to pay for the transforms (`worth_it`).
+F(4x4) is used where it has enough tiles (`choose_tiling`), F(2x2) where only that has (ResNet's 14 x 14
+stage at batch 1). F(4x4)'s transforms have entries up to 8 and 1/24, so its rounding error is larger
+than F(2x2)'s (about 5e-6 of the output's range for a 64-channel conv, against 7e-7), well within the 1e-4
+that compiled models are verified to. `rewrite_winograd(target)` takes the NHWC float32 convs with constant
+weights where the matmul is large enough to pay for the transforms (`worth_it`).
 """
 
 from __future__ import annotations
