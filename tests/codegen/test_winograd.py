@@ -64,6 +64,7 @@ def _lowered(model: onnx.ModelProto, target) -> tvm.IRModule:
     (dict(c_in=40, c_out=64, size=26, pads=[0, 1, 2, 1]), winograd.F4),
     (dict(c_in=32, c_out=32, size=16, batch=2, residual=True, pads=[1, 1, 1, 1]), winograd.F4),
     (dict(c_in=48, c_out=32, size=25, pads=[1, 1, 1, 1]), winograd.F4),      # 49 tiles of 4 x 4
+    (dict(c_in=16, c_out=32, size=24, pads=[1, 1, 1, 1]), winograd.F4),      # 16 input channels
 ], ids=lambda v: None if isinstance(v, dict) else f"F{v.m}")
 def test_winograd_conv_matches_ort(case, tiling):
     out = [case.get("batch", 1), case["size"] + sum(case["pads"][::2]) - 2, case["size"] + sum(case["pads"][1::2]) - 2,
@@ -130,7 +131,7 @@ def test_tiles_are_laid_out_in_one_block_per_thread():
 
 
 @pytest.mark.parametrize("case", [
-    dict(c_in=16, c_out=64, size=12, pads=[1, 1, 1, 1]),                 # too few input channels
+    dict(c_in=8, c_out=64, size=28, pads=[1, 1, 1, 1]),                  # too few input channels
     dict(c_in=64, c_out=64, size=7, pads=[1, 1, 1, 1]),                  # too few tiles: weight-bound
     dict(c_in=64, c_out=64, size=12, pads=[1, 1, 1, 1], strides=[2, 2]),
     dict(c_in=64, c_out=64, size=12, pads=[2, 2, 2, 2], dilations=[2, 2]),
@@ -167,3 +168,8 @@ def test_four_by_four_tiles_where_there_are_enough():
     # rule), 51 MB by F(2x2) (not)
     assert winograd.choose_tiling(128, 32, [8, 56, 56, 32]) is winograd.F4
     assert not winograd.worth_it(128, 32, [8, 56, 56, 32], winograd.F2)
+    # SqueezeNet's expand convs: F(4x4) from 16 input channels, and beyond the cache rule F(2x2) needs
+    assert winograd.choose_tiling(16, 64, [8, 55, 55, 64]) is winograd.F4
+    assert winograd.choose_tiling(32, 128, [8, 27, 27, 128]) is winograd.F4
+    assert not winograd.worth_it(32, 128, [8, 27, 27, 128], winograd.F2)
+    assert winograd.choose_tiling(16, 64, [1, 12, 12, 64]) is None  # 9 tiles of 4 x 4; too few channels for F(2x2)
