@@ -396,9 +396,9 @@ STREAMED_ROWS_BYTES = 4 * 1024 * 1024
 def _streamed_column_input(stmt: s_tir.SBlock, n_spatial: int) -> tirx.Buffer | None:
     """The input a reduction reads at its own output column (a depthwise conv reads input channel c for output
     channel c, at the output's pixel) when it is too large to stay in cache; None otherwise. (A weight read at
-    the output column but at no pixel, such as Winograd's per tile element, is not one: it is reused by every
-    row.) Each element of such an input feeds
-    only the few multiply-adds of its window, so the conv runs at the speed its input streams from memory:
+    the output column but at no pixel, such as Winograd's per tile element, is not one: every row reuses it.)
+    Each element of such an input feeds only the few multiply-adds of its window, so the conv runs at the
+    speed its input streams from memory:
     - a padding pass over the input costs as much memory traffic as the conv itself, so the conv reads
       through the padding's bounds tests instead (MobileNet-v2's depthwise convs at batch 8: 5.3 ms with
       the pass, 3.3 ms without); on inputs that stay in a core's cache the pass is cheap;
@@ -502,17 +502,18 @@ def _weight_bytes(stmt: s_tir.SBlock, n_spatial: int) -> int:
     weight dimension indexed by an outer spatial axis (Winograd's tile element, a batched matmul's batch) is
     one index at a time."""
     iters = [iv.var for iv in stmt.iter_vars]
-    col_var, row_var, outer = iters[n_spatial - 1], iters[n_spatial - 2] if n_spatial >= 2 else None, \
-        set(iters[: max(n_spatial - 2, 0)])
+    col = {iters[n_spatial - 1]}
+    rows = {iters[n_spatial - 2]} if n_spatial >= 2 else set()
+    outer = set(iters[: max(n_spatial - 2, 0)])
     total = 0
     for read in stmt.reads:
         mins = [r.min for r in read.region]
-        if (row_var is not None and any(_mentions(m, {row_var}) for m in mins)) or \
-                not any(_mentions(m, {col_var}) for m in mins):
+        if any(_mentions(m, rows) for m in mins) or not any(_mentions(m, col) for m in mins):
             continue
         size = tvm.runtime.DataType(str(read.source.dtype)).bits // 8
         for m, d in zip(mins, read.source.shape):
-            size *= 1 if _mentions(m, outer) else int(d) if isinstance(d, tirx.IntImm) else 1
+            if not _mentions(m, outer) and isinstance(d, tirx.IntImm):
+                size *= int(d)
         total += size
     return total
 

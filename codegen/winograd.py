@@ -70,6 +70,8 @@ F4 = Tiling(4, bt=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 
             g=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
                (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
             at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)))
+# In order of preference (`choose_tiling`).
+TILINGS = (F4, F2)
 
 # Below these channel counts the matmul's short reduction or narrow rows do not pay for the transforms'
 # extra memory passes. F(4x4) saves 4x the multiply-adds (F(2x2) 2.25x) for transformed tensors 0.56x the
@@ -240,9 +242,6 @@ def worth_it(ci: int, co: int, out_shape: list[int], tiling: Tiling = F2) -> boo
 def choose_tiling(ci: int, co: int, out_shape: list[int]) -> Tiling | None:
     """F(4x4) where it pays off (4x fewer multiply-adds than direct), else F(2x2) (2.25x), else None."""
     return next((t for t in TILINGS if worth_it(ci, co, out_shape, t)), None)
-
-
-TILINGS = (F4, F2)
 
 
 def winograd_conv(call: relax.Call) -> tuple[np.ndarray, Tiling] | None:
