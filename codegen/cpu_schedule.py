@@ -372,9 +372,9 @@ class Contraction(CPUScheduleRule):
 def _streamed_rows_input(sch: s_tir.Schedule, stmt: s_tir.SBlock, reduce: list, n_spatial: int) -> int | None:
     """The index among `stmt`'s reads of the input rows of a 1x1 conv or matmul (a reduction over channels
     only) reducing over at least COPIED_ROWS_REDUCTION channels, when the input is too large for the L2s
-    (STREAMED_ROWS_BYTES); None otherwise. MobileNet-v2's projections at batch 8, the input coming from memory: 144 -> 24 channels at
-    56x56 2.2 -> 1.8 ms with the tile's rows copied first, 96 -> 24 1.4 -> 1.05 ms, 192 -> 32 at 28x28 0.68 ->
-    0.60 ms. The copy repeats per column tile, so only reductions with one column tile qualify (ResNet-50's
+    (STREAMED_ROWS_BYTES); None otherwise. MobileNet-v2's projections at batch 8, the input coming from
+    memory: 144 -> 24 channels at 56x56 2.2 -> 1.8 ms with the tile's rows copied first, 96 -> 24 1.4 -> 1.05
+    ms, 192 -> 32 at 28x28 0.68 -> 0.60 ms. The copy repeats per column tile, so only reductions with one column tile qualify (ResNet-50's
     256 -> 64 lost 12%), and 3x3 convs lost 5% (DenseNet's 128 -> 32 at 56x56)."""
     extents = [_extent(sch, lp) or 0 for lp in reduce]
     if not extents or max(extents) < COPIED_ROWS_REDUCTION or math.prod(extents) != max(extents):
@@ -444,10 +444,6 @@ def pixel_tile(m: int, n: int, lanes: int, accumulators: int, min_rows: int = 1)
 # on Zen 4). Timed alone, a kernel finds its input in cache at any size, so the threshold was set on whole
 # models: MobileNet-v2 was 1.07-1.14x faster at batch 1 and 1.04x at batch 8 with 1 MiB than with 8 MiB.
 STREAMED_INPUT_BYTES = 1024 * 1024
-
-
-def _shape(buf: tirx.Buffer) -> list:
-    return [int(d) if isinstance(d, tirx.IntImm) else d for d in buf.shape]
 
 
 def _same_shape(a: tirx.BufferRegion, b: tirx.BufferRegion) -> bool:
@@ -593,8 +589,7 @@ def _tile_annotation(sch: s_tir.Schedule, blocks: list) -> tuple:
     if not annotated:
         return None, lambda _block: False
     stmt = sch.get(annotated[0])
-    shape = _shape(stmt.writes[0].source)
-    return int(stmt.annotations[TILE_ANNOTATION]), lambda block: _shape(sch.get(block).writes[0].source) == shape
+    return int(stmt.annotations[TILE_ANNOTATION]), lambda block: _same_shape(sch.get(block).writes[0], stmt.writes[0])
 
 
 def _schedule_pixel_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, tile: int, lanes: int) -> bool:

@@ -23,16 +23,23 @@ def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelP
     return model
 
 
-def lowered_names(model: onnx.ModelProto, target) -> list[str]:
-    """Names of the TIR functions a model lowers to on a CPU `target` (which rewrites applied)."""
+def lowered_module(model: onnx.ModelProto, target):
+    """The module a model lowers to on a CPU `target`, every operator a scheduled TIR function."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
     from sparsecc.codegen import lowering
 
     with target:
-        mod = tvm.transform.Sequential(lowering.lowering_passes(target))(from_onnx(model, keep_params_in_input=False))
-    return [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        return tvm.transform.Sequential(lowering.lowering_passes(target))(from_onnx(model, keep_params_in_input=False))
+
+
+def lowered_names(model: onnx.ModelProto, target) -> list[str]:
+    """Names of the TIR functions a model lowers to on a CPU `target` (which rewrites applied)."""
+    import tvm
+
+    return [gv.name_hint for gv, f in lowered_module(model, target).functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc)]
 
 
 def max_rel_error_vs_ort(model: onnx.ModelProto, x: np.ndarray, target) -> float:

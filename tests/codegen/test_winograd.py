@@ -8,7 +8,7 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import lowered_names, make_model, max_rel_error_vs_ort
+from conftest import lowered_module, lowered_names, make_model, max_rel_error_vs_ort
 from sparsecc.codegen import winograd
 from sparsecc.codegen.targets import cpu_target
 
@@ -47,14 +47,6 @@ def _model(c_in: int, c_out: int, size: int, batch: int = 1, residual: bool = Fa
     return onnx.shape_inference.infer_shapes(make_model(nodes, [x], [y], inits))
 
 
-def _lowered(model: onnx.ModelProto, target) -> tvm.IRModule:
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from sparsecc.codegen import lowering
-    with target:
-        return tvm.transform.Sequential(lowering.lowering_passes(target))(from_onnx(model, keep_params_in_input=False))
-
-
 @pytest.mark.parametrize("case,tiling", [
     (dict(c_in=32, c_out=48, size=11, pads=[1, 1, 1, 1]), winograd.F2),      # odd output: half-empty last tiles
     (dict(c_in=40, c_out=64, size=12, pads=[0, 1, 2, 1]), winograd.F2),      # asymmetric padding
@@ -87,7 +79,7 @@ def test_transforms_are_unrolled_over_tile_elements():
     from sparsecc.codegen import cpu_schedule
     target = cpu_target(2).target()
     lanes = cpu_schedule.vector_lanes(target)
-    mod = _lowered(_model(c_in=64, c_out=64, size=28, pads=[1, 1, 1, 1]), target)
+    mod = lowered_module(_model(c_in=64, c_out=64, size=28, pads=[1, 1, 1, 1]), target)
     funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     transform_in = funcs["winograd_input"].script()
     assert "T.unroll(36)" in transform_in and f"T.vectorized({lanes})" in transform_in, transform_in
@@ -102,7 +94,7 @@ def test_large_tile_weights_keep_the_register_tile():
     it is reused by every tile, not streamed like a depthwise conv's input, so the matmul keeps a register
     tile of several rows."""
     target = cpu_target(2).target()
-    mod = _lowered(_model(c_in=256, c_out=256, size=14, batch=8, pads=[1, 1, 1, 1]), target)
+    mod = lowered_module(_model(c_in=256, c_out=256, size=14, batch=8, pads=[1, 1, 1, 1]), target)
     matmul = next(f for gv, f in mod.functions_items() if gv.name_hint == "winograd_matmul").script()
     assert "T.Buffer((T.int64(36), T.int64(256), T.int64(256))" in matmul, matmul
     assert "i_1 in T.unroll(T.int64(1))" not in matmul and "i_1 in T.unroll(T.int64(8))" in matmul, matmul
