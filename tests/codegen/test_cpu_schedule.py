@@ -163,15 +163,17 @@ def test_copies_parallelize_only_the_leading_loops():
     _check(model, [1, 3, 300, 300])
 
 
-@pytest.mark.parametrize("size,inlined", [(100, True), (20, False)])
-def test_depthwise_padding_is_inlined_for_inputs_beyond_the_cache(size, inlined):
+@pytest.mark.parametrize("size,group,inlined", [(100, 320, True), (20, 320, False), (100, 20, False)])
+def test_depthwise_padding_is_inlined_for_inputs_beyond_the_cache(size, group, inlined):
     """A depthwise conv over a 12 MB input reads it through bounds tests instead of a padding pass (which
-    would double the conv's memory traffic); on a small input the pass stays."""
+    would double the conv's memory traffic); on a small input the pass stays. A grouped conv (16 channels
+    per group) reuses each input element 16 times more and keeps the pass at any size."""
     inits: dict[str, np.ndarray] = {}
-    nodes = [_conv("c", "x", 320, 320, 3, group=320, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+    nodes = [_conv("c", "x", 320, 320, 3, group=group, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
     model = _model(nodes, [1, 320, size, size], [1, 320, size, size], inits)
     conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
-    assert (320 * (size + 2) ** 2 * 4 > cpu_schedule.STREAMED_INPUT_BYTES) == inlined
+    assert "shifted" not in conv.script()
+    assert (320 * (size + 2) ** 2 * 4 > cpu_schedule.STREAMED_INPUT_BYTES and group == 320) == inlined
     assert ("sblock(\"pad_temp\")" not in conv.script()) == inlined  # no padding pass
     _check(model, [1, 320, size, size])
 
