@@ -235,6 +235,8 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
     lanes = cpu_schedule.vector_lanes(_target())
     assert padded_channels(116, 16) == 128 and padded_channels(58, 4) == 60
     assert padded_channels(10, 16) == 10 and padded_channels(464, 16) == 464  # below a vector; whole vectors
+    assert padded_channels(24, 16) == 24 and padded_channels(24, 8) == 24  # whole 256-bit vectors
+    assert padded_channels(12, 8) == 16 and padded_channels(116, 8) == 120
     inits: dict[str, np.ndarray] = {}
     nodes = [_conv("c", "x", 24, 116, 1, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
     model = _model(nodes, [1, 24, 14, 14], [1, 116, 14, 14], inits)
@@ -244,6 +246,19 @@ def test_odd_channel_counts_are_padded_to_whole_vectors():
     assert f"T.int64({padded_channels(116, lanes)})), \"float32\")" in text  # the padded weight
     assert f"T.vectorized(T.int64({lanes}))" in text
     _check(model, [1, 24, 14, 14])
+
+
+def test_channels_in_whole_half_width_vectors_stay_unpadded():
+    """With 16 lanes, 24 output channels are computed as three 8-lane vectors: no zero columns, no slice."""
+    if cpu_schedule.vector_lanes(_target()) != 16:
+        pytest.skip("needs a 16-lane (AVX-512) target")
+    inits: dict[str, np.ndarray] = {}
+    nodes = [_conv("c", "x", 96, 24, 1, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [2, 96, 14, 14], [2, 24, 14, 14], inits)
+    conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+    text = conv.script()
+    assert "strided_slice" not in text and "T.vectorized(T.int64(8))" in text, text
+    _check(model, [2, 96, 14, 14])
 
 
 def test_weights_larger_than_the_cache_are_swept_in_column_panels():
