@@ -86,21 +86,32 @@ def choose_cols(n: int, lanes: int) -> int:
     return lanes
 
 
-def choose_tile(m: int, n: int, lanes: int, registers: int) -> Tile:
+# TVM allocates a register tile's accumulators on the stack when they take fewer bytes than this (its
+# kMaxStackAlloca), and LLVM keeps them in registers. A larger tile comes from the workspace pool: two calls per
+# tile, and the accumulators stored to it after the reduction and read back by the epilogue. Measured at batch
+# 8 with AVX-512 (16 accumulators of 64 bytes against 14): ResNet's 1x1 convs 64 -> 256 at 56x56 5.8 -> 4.3 ms,
+# 128 -> 256 9.9 -> 8.0 ms, 512 -> 1024 at 14x14 7.5 -> 7.2 ms; MobileNet-v2's depthwise 56x56x144 at batch 1
+# (9 accumulators, always in the pool before) 0.36 -> 0.25 ms. Whole models: ResNet-50 275 -> 251 ms,
+# MobileNet-v2 32.6 -> 26.5 ms (batch 1: 4.19 -> 3.41 ms).
+STACK_TILE_BYTES = 1024
+
+
+def choose_tile(m: int, n: int, lanes: int, registers: int, max_vectors: int | None = None) -> Tile:
     """Pick a register tile for an m x n output plane.
 
     Columns come from `choose_cols`; rows are the largest divisor of m keeping the accumulators within about
-    three quarters of the register file. A single-row plane (batch-1 dense) gets a wider column tile instead,
-    a plane of prime width that fits the registers one vector of columns per row.
+    three quarters of the register file (and `max_vectors`). A single-row plane (batch-1 dense) gets a wider
+    column tile instead, a plane of prime width that fits the registers one vector of columns per row.
     """
     cols = choose_cols(n, lanes)
     if m == 1 and n % (4 * lanes) == 0:
         return Tile(rows=1, cols=4 * lanes)
     vregs = -(-cols // lanes)
-    budget = max(1, (registers * 3 // 4) // vregs)
+    limit = min(registers * 3 // 4, max_vectors or registers)
+    budget = max(1, limit // vregs)
     rows = max(d for d in _divisors(m) if d <= budget)
     if rows < min(4, budget) and m > budget:
-        if m <= registers * 3 // 4:
+        if m <= limit:
             # A prime plane width such as SqueezeNet's 13: one vector of columns for every row, rather than
             # a masked tail that computes 16 rows for 13 (its 512 -> 1000 classifier at batch 8: 6.4 ms
             # against 7.5 ms with 8 x 48).
@@ -109,17 +120,17 @@ def choose_tile(m: int, n: int, lanes: int, registers: int) -> Tile:
     return Tile(rows=rows, cols=cols)
 
 
-def tile_candidates(m: int, n: int, lanes: int, registers: int) -> list[Tile]:
+def tile_candidates(m: int, n: int, lanes: int, registers: int, max_vectors: int | None = None) -> list[Tile]:
     """`choose_tile`'s pick first, then the other register tiles worth timing when tuning: one to four whole
     vectors of columns that divide n, each with as many rows as the register file holds beside a few
-    operand registers: the largest divisor of m, and all of them with a masked tail."""
-    first = choose_tile(m, n, lanes, registers)
+    operand registers (and `max_vectors`): the largest divisor of m, and all of them with a masked tail."""
+    first = choose_tile(m, n, lanes, registers, max_vectors)
     tiles = [first]
     for k in (1, 2, 3, 4):
         cols = k * lanes
         if n % cols:
             continue
-        budget = max(1, (registers - 4) // k)
+        budget = max(1, min(registers - 4, max_vectors or registers) // k)
         options = {max(d for d in _divisors(m) if d <= budget), min(m, budget)}
         tiles += [Tile(rows=r, cols=cols) for r in sorted(options)]
     return list(dict.fromkeys(tiles))
@@ -329,15 +340,16 @@ class Contraction(CPUScheduleRule):
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
         work = _work(sch, red)
         m_ext = _extent(sch, spatial[-2]) if n_spatial >= 2 else 1
-        tiles = tile_candidates(m_ext or 1, n_ext, lanes, vector_registers(target))
+        on_stack = (STACK_TILE_BYTES - 1) // (lanes * dtype_bits // 8)
+        tiles = tile_candidates(m_ext or 1, n_ext, lanes, vector_registers(target), on_stack)
         if self.variant >= len(tiles):
             return None
         tile = tiles[self.variant]
         if self.variant == 0 and streamed is not None:
-            tile = pixel_tile(m_ext or 1, n_ext, lanes, STREAMED_TILE_REGISTERS) or tile
+            tile = pixel_tile(m_ext or 1, n_ext, lanes, min(STREAMED_TILE_REGISTERS, on_stack)) or tile
         elif (self.variant == 0 and out_bytes > STREAMED_OUTPUT_BYTES
               and math.prod(_extent(sch, lp) or 1 << 30 for lp in reduce) <= WRITE_BOUND_REDUCTION):
-            budget = vector_registers(target) * 3 // 4
+            budget = min(vector_registers(target) * 3 // 4, on_stack)
             tile = pixel_tile(m_ext or 1, n_ext, lanes, budget, min_rows=2) or tile
         vec = vector_width(tile.cols, lanes)
         col_o, col_v, col_i = sch.split(spatial[-1], factors=[None, tile.cols // vec, vec])
@@ -362,8 +374,9 @@ class Contraction(CPUScheduleRule):
             outer = [col_o]
             sch.reorder(col_o, *reduce, col_v, col_i)
 
-        # Accumulate in a local tile; the epilogue reads the tile and writes the function's output.
-        write_back = sch.cache_write(red, 0, "local")
+        # Accumulate in a tile of its own (on the stack: `STACK_TILE_BYTES`); the epilogue reads the tile and
+        # writes the function's output. (TVM takes only "global" allocations onto the stack.)
+        write_back = sch.cache_write(red, 0, "global")
         sub_region = bool(epilogue) and not _same_shape(sch.get(epilogue[0]).writes[0], stmt.writes[0])
         if epilogue and not sub_region:
             sch.reverse_compute_inline(epilogue[0])  # (raises when impossible: the stock schedules take over)
@@ -470,7 +483,8 @@ def pixel_tile(m: int, n: int, lanes: int, accumulators: int, min_rows: int = 1)
     - MobileNet-v2's stride-2 depthwise conv, 8x112x112x96: 1.35 ms for 1 pixel x 96 channels, 3.1 ms;
       at 8x56x56x144, 1-3 pixels x 144 channels took 1.2-1.5 ms against 1.8-2.1 ms;
     - 1x1 convs with 16 input channels writing 26-51 MB (112x112 x 64, 96, 128 channels): 1.4-2.2x faster
-      (16 -> 96: 4 pixels x 96 channels 2.0 ms, against 4.7 ms). At 10-14 MB outputs the tiles tie."""
+      (16 -> 96: 4 pixels x 96 channels 2.0 ms, against 4.7 ms). At 10-14 MB outputs the tiles tie. With
+      the accumulators on the stack (`STACK_TILE_BYTES`), 2 pixels x 96 channels: 1.7 ms."""
     vregs = -(-n // lanes)
     rows = max(d for d in _divisors(m) if d * vregs <= accumulators or d == 1)
     if rows < min_rows or rows * vregs > accumulators:

@@ -145,7 +145,7 @@ def test_functions_are_scheduled():
     assert all(f.attrs.get("tirx.is_scheduled", False) for f in funcs.values()), list(funcs)
     conv = next(f for name, f in funcs.items() if "conv2d" in name)
     text = conv.script()
-    assert "T.parallel" in text and "T.vectorized" in text and 'scope="local"' in text
+    assert "T.parallel" in text and "T.vectorized" in text and "conv2d_nhwc_intermediate_global" in text
     # The layout change happened once, at the Relax level: the conv reads NHWC and HWIO weights.
     assert "T.int64(3), T.int64(3), T.int64(16), T.int64(32)" in text
 
@@ -198,10 +198,12 @@ def test_streamed_depthwise_tiles_span_whole_pixels():
 
 
 def test_outputs_beyond_the_cache_are_written_in_whole_pixels():
-    """A 1x1 conv from 16 channels writing 19 MB (beyond half the L3) computes 4 pixels x all 96 channels per
-    register tile, so each tile writes its pixels whole. A 5 MB output keeps the usual tile of 32 or 48
-    channels, and so does a 3x3 conv, whose 144 multiply-adds per output make it compute-bound."""
+    """A 1x1 conv from 16 channels writing 19 MB (beyond half the L3) computes all 96 channels of as many
+    pixels as stay on the stack (2) per register tile, so each tile writes its pixels whole. A 5 MB output
+    keeps the usual tile of 32 or 48 channels, and so does a 3x3 conv, whose 144 multiply-adds per output make
+    it compute-bound."""
     lanes = cpu_schedule.vector_lanes(_target())
+    rows = (cpu_schedule.STACK_TILE_BYTES - 1) // (96 * 4)
     for batch, k, whole in ((4, 1, True), (1, 1, False), (4, 3, False)):
         inits: dict[str, np.ndarray] = {}
         nodes = [_conv("c", "x", 16, 96, k, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
@@ -209,7 +211,7 @@ def test_outputs_beyond_the_cache_are_written_in_whole_pixels():
         assert (batch * 112 * 112 * 96 * 4 > cpu_schedule.STREAMED_OUTPUT_BYTES) == (batch == 4)
         conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
         text = conv.script()
-        assert (f"T.parallel(T.int64({batch * 112 * 112 // 4}))" in text) == whole, text
+        assert (f"T.parallel(T.int64({batch * 112 * 112 // rows}))" in text) == whole, text
         assert (f"T.unroll(T.int64({96 // lanes}))" in text) == whole, text
         if whole:
             _check(model, [batch, 16, 112, 112])
@@ -223,7 +225,8 @@ def test_projection_input_rows_are_copied_per_tile():
         nodes = [_conv("c", "x", c_in, 32, 1, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
         model = _model(nodes, [1, c_in, size, size], [1, 32, size, size], inits)
         conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
-        assert ('_global = T.sblock_alloc_buffer' in conv.script()) == copied, conv.script()
+        text = conv.script()  # (the accumulators' tile is the other global buffer)
+        assert text.count("_global = T.sblock_alloc_buffer") == (2 if copied else 1), text
         if copied:
             _check(model, [1, c_in, size, size])
 
@@ -285,6 +288,34 @@ def test_weights_larger_than_the_cache_are_swept_in_column_panels():
     assert big == small + 2        # the panels, and the rows' split into one share per thread
     assert conv_splits(256, threads=1)[1] == conv_splits(16, threads=1)[1] + 1
     _check(model, [2, 256, 6, 6])
+
+
+@pytest.mark.parametrize("c_in,c_out,group,size", [(64, 256, 1, 28), (144, 144, 144, 60), (256, 256, 32, 28)])
+def test_accumulator_tiles_stay_on_the_stack(c_in, c_out, group, size):
+    """Each register tile's accumulators take under STACK_TILE_BYTES, so TVM allocates them on the stack (and
+    LLVM in registers): the compiled convs (1x1, depthwise over an input beyond the cache, groups of 8
+    unpadded; none with a padding pass, which takes a buffer of its own) call no workspace allocator."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from sparsecc.codegen import lowering
+
+    target = _target()
+    on_stack = (cpu_schedule.STACK_TILE_BYTES - 1) // (16 * 4)  # 512-bit vectors of floats
+    assert all(t.rows * t.cols * 4 < cpu_schedule.STACK_TILE_BYTES
+               for t in cpu_schedule.tile_candidates(56, 256, 16, 32, max_vectors=on_stack))
+    assert cpu_schedule.choose_tile(56, 256, 16, 32, max_vectors=on_stack) == cpu_schedule.Tile(rows=7, cols=32)
+    inits: dict[str, np.ndarray] = {}
+    k = 1 if group == 1 else 3
+    conv = _conv("c", "x", c_in, c_out, k, group=group, inits=inits)
+    pad = 0 if group == 32 else k // 2
+    del conv.attribute[:]
+    conv.attribute.extend([helper.make_attribute("kernel_shape", [k, k]), helper.make_attribute("group", group),
+                           helper.make_attribute("pads", [pad] * 4)])
+    out = size + 2 * pad - k + 1
+    model = _model([conv, helper.make_node("Relu", ["c"], ["y"])], [2, c_in, size, size], [2, c_out, out, out], inits)
+    ex = lowering.compile_module(from_onnx(model, keep_params_in_input=False), target)
+    assert not any("TVMBackendAllocWorkspace" in m.inspect_source("ll") for m in ex.mod.imports)
+    _check(model, [2, c_in, size, size])
 
 
 def test_choose_cols_uses_whole_vectors():
