@@ -45,10 +45,20 @@ WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 
 
+@functools.cache
+def _rules_digest() -> str:
+    """A digest of the default CPU schedule rules' source. A record only had to beat the defaults of its day,
+    and a database's records are applied on every later compile: after the defaults improve, an old record
+    would pin a function to a schedule slower than the new default (register tiles that spilled to the
+    workspace pool, before `cpu_schedule.STACK_TILE_BYTES`, ran 5-25% slower than today's defaults)."""
+    return hashlib.sha256(Path(schedule_variants.__code__.co_filename).read_bytes()).hexdigest()[:16]
+
+
 def default_db_dir(target: tvm.target.Target) -> Path:
-    """`~/.cache/sparsecc/tuning/<target hash>` (or `$SPARSECC_TUNING_DIR/<target hash>`)."""
+    """`~/.cache/sparsecc/tuning/<hash>` (or `$SPARSECC_TUNING_DIR/<hash>`), the hash of the target and of the
+    default schedule rules (`_rules_digest`): new rules start a new database."""
     base = os.environ.get("SPARSECC_TUNING_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    key = hashlib.sha256(json.dumps(str(target), sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([str(target), _rules_digest()]).encode()).hexdigest()[:16]
     return Path(base) / ("" if os.environ.get("SPARSECC_TUNING_DIR") else "sparsecc/tuning") / key
 
 

@@ -135,3 +135,15 @@ def test_timings_from_an_overloaded_machine_are_not_recorded(tmp_path, monkeypat
                            {"cache_dir": str(tmp_path), "repeat": 1, "number": 1, "measure_top": 1, "threads": 1})
     assert decision.dense is not None  # measured and used for this compile...
     assert not (tmp_path / cost.DECISIONS).exists()  # ...but not kept for the next
+
+
+def test_default_directory_follows_the_target_and_the_schedule_rules(tmp_path, monkeypatch):
+    """Records beat the default schedules of their day: new default rules (or another target) get a database
+    of their own, the same ones find the same directory."""
+    monkeypatch.setenv("SPARSECC_TUNING_DIR", str(tmp_path))
+    x86 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    today = tuning.default_db_dir(x86)
+    assert today.parent == tmp_path and today == tuning.default_db_dir(x86) != tuning.default_db_dir(arm)
+    monkeypatch.setattr(tuning, "_rules_digest", lambda: "new rules")
+    assert tuning.default_db_dir(x86) != today
