@@ -318,6 +318,23 @@ def test_accumulator_tiles_stay_on_the_stack(c_in, c_out, group, size):
     _check(model, [2, c_in, size, size])
 
 
+def test_half_width_channel_tiles_have_no_masked_lanes():
+    """120 channels (15 vectors of 8 lanes): the register tile's columns divide them, even where the stack's
+    limit leaves few rows (a plane 14 pixels wide), and a depthwise conv's per-pixel epilogue runs in 8-lane
+    vectors rather than one 120-lane vector that LLVM assembles lane by lane."""
+    assert 120 % cpu_schedule.choose_tile(14, 120, 16, 32, max_vectors=15).cols == 0
+    assert cpu_schedule.choose_tile(13, 1008, 16, 32, max_vectors=15) == cpu_schedule.Tile(rows=13, cols=16)
+    if cpu_schedule.vector_lanes(_target()) != 16:
+        pytest.skip("needs a 16-lane (AVX-512) target")
+    inits: dict[str, np.ndarray] = {}
+    nodes = [_conv("c", "x", 120, 120, 5, group=120, inits=inits), helper.make_node("HardSwish", ["c"], ["y"])]
+    model = _model(nodes, [2, 120, 40, 40], [2, 120, 40, 40], inits)
+    conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+    text = conv.script()
+    assert "T.vectorized(T.int64(120))" not in text and "T.vectorized(T.int64(8))" in text, text
+    _check(model, [2, 120, 40, 40])
+
+
 def test_choose_cols_uses_whole_vectors():
     assert cpu_schedule.choose_cols(256, 16) == 32
     assert cpu_schedule.choose_cols(144, 16) == 48
