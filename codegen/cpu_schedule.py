@@ -139,7 +139,13 @@ def tile_candidates(m: int, n: int, lanes: int, registers: int, max_vectors: int
 def column_tile(m: int, n: int, target: Target) -> int:
     """Output columns per register tile that `Contraction` gives an m x n output plane on `target` (the
     panel width that weights are packed with)."""
-    return choose_tile(m, n, vector_lanes(target), vector_registers(target)).cols
+    lanes = vector_lanes(target)
+    return choose_tile(m, n, lanes, vector_registers(target), stack_vectors(lanes)).cols
+
+
+def stack_vectors(lanes: int, dtype_bits: int = 32) -> int:
+    """The most accumulator vectors of `lanes` elements a register tile keeps on the stack."""
+    return (STACK_TILE_BYTES - 1) // (lanes * dtype_bits // 8)
 
 
 def group_lanes(group: int, lanes: int) -> int | None:
@@ -340,7 +346,7 @@ class Contraction(CPUScheduleRule):
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
         work = _work(sch, red)
         m_ext = _extent(sch, spatial[-2]) if n_spatial >= 2 else 1
-        on_stack = (STACK_TILE_BYTES - 1) // (lanes * dtype_bits // 8)
+        on_stack = stack_vectors(lanes, dtype_bits)
         tiles = tile_candidates(m_ext or 1, n_ext, lanes, vector_registers(target), on_stack)
         if self.variant >= len(tiles):
             return None

@@ -300,7 +300,8 @@ def test_accumulator_tiles_stay_on_the_stack(c_in, c_out, group, size):
     from sparsecc.codegen import lowering
 
     target = _target()
-    on_stack = (cpu_schedule.STACK_TILE_BYTES - 1) // (16 * 4)  # 512-bit vectors of floats
+    on_stack = cpu_schedule.stack_vectors(16)  # 512-bit vectors of floats
+    assert on_stack == 15
     assert all(t.rows * t.cols * 4 < cpu_schedule.STACK_TILE_BYTES
                for t in cpu_schedule.tile_candidates(56, 256, 16, 32, max_vectors=on_stack))
     assert cpu_schedule.choose_tile(56, 256, 16, 32, max_vectors=on_stack) == cpu_schedule.Tile(rows=7, cols=32)
@@ -323,6 +324,12 @@ def test_half_width_channel_tiles_have_no_masked_lanes():
     limit leaves few rows (a plane 14 pixels wide), and a depthwise conv's per-pixel epilogue runs in 8-lane
     vectors rather than one 120-lane vector that LLVM assembles lane by lane."""
     assert 120 % cpu_schedule.choose_tile(14, 120, 16, 32, max_vectors=15).cols == 0
+    # the weights' panels are packed as wide as the schedule's tile, also where only the stack limits it
+    target = _target()
+    lanes, regs = cpu_schedule.vector_lanes(target), cpu_schedule.vector_registers(target)
+    for m in (13, 14, 17, 19):
+        tile = cpu_schedule.choose_tile(m, 32 * lanes, lanes, regs, cpu_schedule.stack_vectors(lanes))
+        assert cpu_schedule.column_tile(m, 32 * lanes, target) == tile.cols
     assert cpu_schedule.choose_tile(13, 1008, 16, 32, max_vectors=15) == cpu_schedule.Tile(rows=13, cols=16)
     if cpu_schedule.vector_lanes(_target()) != 16:
         pytest.skip("needs a 16-lane (AVX-512) target")
