@@ -148,21 +148,26 @@ def stack_vectors(lanes: int, dtype_bits: int = 32) -> int:
     return (STACK_TILE_BYTES - 1) // (lanes * dtype_bits // 8)
 
 
+def full_rate_widths(lanes: int) -> tuple[int, ...]:
+    """The vector widths that run multiply-adds at the full rate, widest first: full vectors, and half-width
+    ones where full ones are 512-bit (Zen 4 issues two 256-bit multiply-adds a cycle, as many lanes as one
+    512-bit)."""
+    return (lanes, lanes // 2) if lanes >= 16 else (lanes,)
+
+
 def group_lanes(group: int, lanes: int) -> int | None:
     """Vector lanes for a conv in groups of `group` channels, each vector within one group (its input channels
-    are one group's, read by broadcast); None where only narrow vectors fit (`group_conv` shifts those).
-    Half-width vectors qualify where full ones are 512-bit: Zen 4 issues two 256-bit multiply-adds a cycle,
-    as many lanes as one 512-bit. Measured there at batch 8, grouped with 8 lanes against shifted with 16:
-    ResNeXt-50's 28x28x256 conv in groups of 8 2.6 / 5.1 ms, its stride-2 56x56x256 5.3 / 7.2 ms; groups of
-    4 with 4 lanes lost (56x56x128: 5.8 / 5.3 ms), as did 8 lanes for groups of 16 (14x14x512: 1.5 / 1.2)."""
-    for width in (lanes, lanes // 2 if lanes >= 16 else 0):
-        if width and group % width == 0:
-            return width
-    return None
+    are one group's, read by broadcast) and at the full rate (`full_rate_widths`); None where only narrower
+    vectors fit (`group_conv` shifts those). Measured on Zen 4 at batch 8, grouped with 8 lanes against
+    shifted with 16: ResNeXt-50's 28x28x256 conv in groups of 8 2.6 / 5.1 ms, its stride-2 56x56x256 5.3 /
+    7.2 ms; groups of 4 with 4 lanes lost (56x56x128: 5.8 / 5.3 ms), as did 8 lanes for groups of 16
+    (14x14x512: 1.5 / 1.2)."""
+    return next((width for width in full_rate_widths(lanes) if group % width == 0), None)
 
 
 def _channel_group(stmt: s_tir.SBlock, n_spatial: int) -> int | None:
-    """The channels per group of a grouped conv (input channel `c // k * k + r` for output channel c), else None."""
+    """The channels per group of a grouped conv (input channel `c // k * k + r` for output channel c), or
+    None."""
     col = stmt.iter_vars[n_spatial - 1].var
 
     def divisors(expr):  # the constant divisors of col in floor divisions within an index expression
@@ -425,8 +430,9 @@ def _streamed_rows_input(sch: s_tir.Schedule, stmt: s_tir.SBlock, reduce: list, 
     only) reducing over at least COPIED_ROWS_REDUCTION channels, when the input is too large for the L2s
     (STREAMED_ROWS_BYTES); None otherwise. MobileNet-v2's projections at batch 8, the input coming from
     memory: 144 -> 24 channels at 56x56 2.2 -> 1.8 ms with the tile's rows copied first, 96 -> 24 1.4 -> 1.05
-    ms, 192 -> 32 at 28x28 0.68 -> 0.60 ms. The copy repeats per column tile, so only reductions with one column tile qualify (ResNet-50's
-    256 -> 64 lost 12%), and 3x3 convs lost 5% (DenseNet's 128 -> 32 at 56x56)."""
+    ms, 192 -> 32 at 28x28 0.68 -> 0.60 ms. The copy repeats per column tile, so only reductions with one
+    column tile qualify (ResNet-50's 256 -> 64 lost 12%), and 3x3 convs lost 5% (DenseNet's 128 -> 32 at
+    56x56)."""
     extents = [_extent(sch, lp) or 0 for lp in reduce]
     if not extents or max(extents) < COPIED_ROWS_REDUCTION or math.prod(extents) != max(extents):
         return None
@@ -590,7 +596,7 @@ def _vectorize_tail(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
     # Half-width vectors where full ones do not divide the tile (120 channels: 15 of 8 lanes). Vectorized
     # whole, LLVM assembled the odd-length vector lane by lane: MobileNet-v3's 5x5 depthwise conv over 120
     # channels with its hard-swish took 0.67 ms at batch 8, against 0.13 ms padded to 128 channels.
-    width = lanes if ext % lanes == 0 else vector_width(ext, lanes)
+    width = vector_width(ext, lanes)
     if ext > lanes and (width == lanes or (width == lanes // 2 and ext <= 32 * width)):
         outer, inner = sch.split(loops[-1], factors=[None, width])
         sch.vectorize(inner)
@@ -655,7 +661,8 @@ def _tile_annotation(sch: s_tir.Schedule, blocks: list) -> tuple:
     if not annotated:
         return None, lambda _block: False
     stmt = sch.get(annotated[0])
-    return int(stmt.annotations[TILE_ANNOTATION]), lambda block: _same_shape(sch.get(block).writes[0], stmt.writes[0])
+    tile = int(stmt.annotations[TILE_ANNOTATION])
+    return tile, lambda block: _same_shape(sch.get(block).writes[0], stmt.writes[0])
 
 
 def _schedule_pixel_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, tile: int, lanes: int) -> bool:

@@ -35,6 +35,7 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .conv_pack import nhwc_conv_weight
+from .cpu_schedule import full_rate_widths
 from .frontend import rewrite_relax_functions
 from .matmul_pad import constant_weight, pad_matmul_columns, padded_columns
 from .shuffle import shuffle_to_nhwc
@@ -107,10 +108,10 @@ def clip_to_relax_ops(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm
 def padded_channels(channels: int, lanes: int) -> int:
     """The output channel count a conv is computed with: a whole number of vectors. Part-vectors cost as
     many instructions as whole ones (24 channels: three half-width FMAs per row, two when padded to 32).
-    With 512-bit vectors, a whole number of 256-bit ones stays unpadded: Zen 4 issues two of those a cycle,
-    as many lanes as one 512-bit FMA, and the slice after the padded conv goes too. MobileNet-v2 at batch 8
-    (its 24- and 40-channel convs) 33.8 -> 33.1 ms, at batch 1 4.54 -> 4.41 ms."""
-    if lanes >= 16 and channels % (lanes // 2) == 0:
+    A whole number of any vector width at the full multiply-add rate stays unpadded (with 512-bit vectors,
+    256-bit ones: `cpu_schedule.full_rate_widths`), and the slice after the padded conv goes too.
+    MobileNet-v2 at batch 8 (its 24- and 40-channel convs) 33.8 -> 33.1 ms, at batch 1 4.54 -> 4.41 ms."""
+    if any(channels % width == 0 for width in full_rate_widths(lanes)):
         return channels
     return padded_columns(channels, lanes)
 

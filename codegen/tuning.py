@@ -38,6 +38,7 @@ from tvm import relax, tirx
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from . import cpu_schedule
 from .cpu_schedule import schedule_variants
 
 TUNING_LOG = "tuning_log.txt"
@@ -51,7 +52,7 @@ def _rules_digest() -> str:
     and a database's records are applied on every later compile: after the defaults improve, an old record
     would pin a function to a schedule slower than the new default (register tiles that spilled to the
     workspace pool, before `cpu_schedule.STACK_TILE_BYTES`, ran 5-25% slower than today's defaults)."""
-    return hashlib.sha256(Path(schedule_variants.__code__.co_filename).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(Path(cpu_schedule.__file__).read_bytes()).hexdigest()[:16]
 
 
 def default_db_dir(target: tvm.target.Target) -> Path:

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..cpu_schedule import choose_tile, vector_lanes, vector_registers
+from ..cpu_schedule import column_tile
 from ..frontend import rewrite_relax_functions
 
 MIN_WEIGHT_BYTES = 64 * 1024  # below this the weights stay in cache whatever their layout
@@ -45,8 +45,7 @@ class _Packer(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
         super().__init__(mod)
         self.mod_ = mod
-        self.lanes = vector_lanes(target)
-        self.registers = vector_registers(target)
+        self.target = target
 
     def transform(self) -> tvm.IRModule:
         return rewrite_relax_functions(self.mod_, self)
@@ -64,7 +63,7 @@ class _Packer(PyExprMutator):
             return call
         k, n = wv.shape
         m = int(np.prod(xshape[:-1]))
-        cols = choose_tile(m, n, self.lanes, self.registers).cols
+        cols = column_tile(m, n, self.target)
         if n % cols or xshape[-1] != k:
             return call
         wp = np.ascontiguousarray(wv.reshape(k, n // cols, cols).transpose(1, 0, 2))

@@ -49,14 +49,14 @@ def _check(model: onnx.ModelProto, x_shape) -> None:
     assert rel < 1e-4, rel
 
 
-def _conv(name, x, c_in, c_out, k, stride=1, group=1, bias=True, inits=None):
+def _conv(name, x, c_in, c_out, k, stride=1, group=1, bias=True, inits=None, pad=None):
     inits[f"{name}_w"] = RNG.standard_normal((c_out, c_in // group, k, k)) * 0.2
     ins = [x, f"{name}_w"]
     if bias:
         inits[f"{name}_b"] = RNG.standard_normal(c_out) * 0.1
         ins.append(f"{name}_b")
     return helper.make_node("Conv", ins, [name], kernel_shape=[k, k], strides=[stride, stride],
-                            pads=[k // 2] * 4, group=group)
+                            pads=[k // 2 if pad is None else pad] * 4, group=group)
 
 
 @pytest.mark.parametrize(
@@ -307,11 +307,8 @@ def test_accumulator_tiles_stay_on_the_stack(c_in, c_out, group, size):
     assert cpu_schedule.choose_tile(56, 256, 16, 32, max_vectors=on_stack) == cpu_schedule.Tile(rows=7, cols=32)
     inits: dict[str, np.ndarray] = {}
     k = 1 if group == 1 else 3
-    conv = _conv("c", "x", c_in, c_out, k, group=group, inits=inits)
     pad = 0 if group == 32 else k // 2
-    del conv.attribute[:]
-    conv.attribute.extend([helper.make_attribute("kernel_shape", [k, k]), helper.make_attribute("group", group),
-                           helper.make_attribute("pads", [pad] * 4)])
+    conv = _conv("c", "x", c_in, c_out, k, group=group, inits=inits, pad=pad)
     out = size + 2 * pad - k + 1
     model = _model([conv, helper.make_node("Relu", ["c"], ["y"])], [2, c_in, size, size], [2, c_out, out, out], inits)
     ex = lowering.compile_module(from_onnx(model, keep_params_in_input=False), target)
