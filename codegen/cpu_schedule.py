@@ -9,12 +9,13 @@ fused PrimFunc that no tuning record has scheduled already.
   innermost axis (channels or columns) is tiled into vector registers, the axis above it into a register
   row block; the reduction runs over a local accumulator tile that the epilogue writes out directly, and
   the outer tile loops run in parallel.
-- dlight's CPU `Reduction` for softmax/layer-norm-like functions.
+- `RowReduction`: softmax, layer norm and the like, rows in parallel, each row reduced in vectors; dlight's
+  CPU `Reduction` for the ones it does not match.
 - `Elementwise`: the fallback for everything else: inline what can be inlined, parallel outer loops,
   vectorized innermost loop.
 
-All rules only reorder, tile and annotate loops; the arithmetic (and its summation order per output) is
-the one legalization wrote, so results match the unscheduled functions up to FMA contraction.
+All rules only reorder, tile and annotate loops; the arithmetic is the one legalization wrote, so results
+match the unscheduled functions up to FMA contraction and, in `RowReduction`, a lane-wise summation order.
 """
 
 from __future__ import annotations
@@ -648,6 +649,80 @@ class Elementwise(CPUScheduleRule):
         return sch
 
 
+class RowReduction(CPUScheduleRule):
+    """Layer norm, RMS norm, softmax: reductions over the trailing axes of each row, then elementwise blocks
+    over the same rows.
+
+    Rows run in parallel, every block computed inside its row. Each reduction sums (or takes the maximum
+    of) vectors of lanes first and then the lanes of one vector: dlight's CPU `Reduction` ran them as one
+    scalar chain per row, and where the rows were a single one (a classifier's final layer norm over 768
+    channels) it computed both reductions again for every output element. ConvNeXt-tiny's 22 layer norms at
+    batch 1: 3.3 -> 0.6 ms; a 6-layer transformer (128 tokens, 384 wide): 17.8 -> 16.7 ms. The summation
+    order per row becomes lane-wise, which changes results in the last bits only."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(get_root_block(sch))
+        infos = [get_sblock_info(sch, b) for b in blocks]
+        if len(blocks) < 2 or not infos[-1].is_injective() or all(i.is_injective() for i in infos):
+            return None
+        if not all(_simple_loop_nest(sch, b) for b in blocks):
+            return None
+        reductions = [b for b, i in zip(blocks, infos) if not i.is_injective()]
+        kinds = [get_sblock_info(sch, b).dom_kind() for b in reductions]
+        n_rows = len(kinds[0]) - len(kinds[0].lstrip("S"))
+        rows = [_extent(sch, lp) for lp in sch.get_loops(blocks[-1])[:n_rows]]
+        for b, k in zip(reductions, kinds):
+            if k != "S" * n_rows + "R" * (len(k) - n_rows):
+                return None  # reduces over a leading axis (NHWC pooling), or over other rows
+            if [_extent(sch, lp) for lp in sch.get_loops(b)[:n_rows]] != rows:
+                return None
+        for b in blocks:
+            if [_extent(sch, lp) for lp in sch.get_loops(b)[:n_rows]] != rows:
+                return None
+        lanes = vector_lanes(target, tvm.runtime.DataType(str(sch.get(blocks[-1]).writes[0].source.dtype)).bits)
+        try:
+            self._schedule(sch, blocks, reductions, n_rows, lanes)
+        except Exception:  # noqa: BLE001 - a reduction rfactor cannot split: dlight's rule takes the function
+            return None
+        return sch
+
+    @staticmethod
+    def _schedule(sch: s_tir.Schedule, blocks: list, reductions: list, n_rows: int, lanes: int) -> None:
+        # Vector partial results first, while each reduction is still its own loop nest (rfactor's condition).
+        partial = []
+        for b in reductions:
+            inner = sch.get_loops(b)[-1]
+            width = vector_width(_extent(sch, inner) or 1, lanes)
+            if width < 4 or (_extent(sch, inner) or 0) <= width:
+                continue
+            _, lane = sch.split(inner, factors=[None, width])
+            partial.append(sch.rfactor(lane, len(sch.get(b).writes[0].region)))
+
+        last = sch.get_loops(blocks[-1])
+        if n_rows:
+            row = sch.fuse(*last[:n_rows]) if n_rows > 1 else last[0]
+        else:
+            row, _ = sch.split(last[0], factors=[1, None])
+        for b in reversed(sch.get_child_blocks(get_root_block(sch))[:-1]):
+            sch.compute_at(b, row, preserve_unit_loops=True)
+        if _work(sch, blocks[-1]) >= MIN_PARALLEL_WORK and (_extent(sch, row) or 0) > 1:
+            sch.parallel(row)
+        for b in partial:
+            # Under the row loop: the lanes, the row's (unit) loops, the reduction's loops. Lanes go innermost.
+            lane, *rest = sch.get_loops(b)[1:]
+            sch.reorder(*rest, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(b, rest[n_rows])
+        for b in blocks:
+            loops = sch.get_loops(b)
+            width = vector_width(_extent(sch, loops[-1]) or 1, lanes)
+            if len(loops) > 1 and get_sblock_info(sch, b).is_injective() and width >= 4:
+                sch.vectorize(sch.split(loops[-1], factors=[None, width])[1])
+
+
 # Block annotation of a function computing each NHWC output pixel by one of tile x tile expressions, chosen
 # by the pixel's place in its tile (Winograd's output transform). Its rows and columns are split by the tile
 # and unrolled (`_schedule_pixel_tiles`).
@@ -688,7 +763,7 @@ def _schedule_pixel_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, t
 
 
 def _rules() -> list[CPUScheduleRule]:
-    return [Contraction(), dlight.cpu.Reduction(), Elementwise()]
+    return [Contraction(), RowReduction(), dlight.cpu.Reduction(), Elementwise()]
 
 
 def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:

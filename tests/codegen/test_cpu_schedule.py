@@ -129,6 +129,26 @@ def test_softmax_and_concat_fallback():
     _check(_model(nodes, [1, 4, 6, 6], [1, 24, 6, 6], inits), [1, 4, 6, 6])
 
 
+@pytest.mark.parametrize("op, shape", [("LayerNormalization", [1, 1, 768]), ("LayerNormalization", [4, 128, 96]),
+                                       ("Softmax", [1, 4, 64, 128]), ("Softmax", [1, 3, 49, 49])])
+def test_row_reductions_sum_whole_vectors(op, shape):
+    """Layer norm and softmax reduce each row in vectors of lanes (a lane-wise partial result, then its lanes),
+    rows in parallel when there is enough work. A single row (a classifier's final layer norm) is reduced once:
+    dlight's rule recomputed both its reductions for each of the 768 outputs."""
+    inits = {}
+    if op == "Softmax":
+        nodes = [helper.make_node("Softmax", ["x"], ["y"], axis=-1)]
+    else:
+        inits = {"s": RNG.uniform(0.5, 1.5, shape[-1]), "b": RNG.standard_normal(shape[-1])}
+        nodes = [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1)]
+    model = _model(nodes, shape, shape, inits)
+    _check(model, shape)
+    text = next(f.script() for name, f in _prim_funcs(model).items() if "softmax" in name or "layer_norm" in name)
+    assert ("_rf_update" in text) == (shape[-1] % 4 == 0), text  # 49 columns stay a scalar loop
+    rows = int(np.prod(shape[:-1]))
+    assert ("T.parallel" in text) == (rows > 1 and rows * shape[-1] >= cpu_schedule.MIN_PARALLEL_WORK), text
+
+
 def _scheduled_module(model: onnx.ModelProto) -> tvm.IRModule:
     target = _target()
     with target:
