@@ -8,8 +8,9 @@ SqueezeNet 1.1 (fire modules, biased convs without BN) and ShuffleNet-v2 (channe
 `EXTRA_CNNS` holds topologies kept out of the default benchmark list (run them by name): EfficientNet-B0
 (MBConv with 3x3/5x5 depthwise convs, SiLU as x * Sigmoid(x), squeeze-excitation), MobileNet-v3-small
 (HardSwish, HardSigmoid squeeze-excitation), ResNet-18 (basic blocks) and VGG-11 (large 3x3 convs, max
-pooling, a 25088 x 4096 fully connected layer), ResNeXt-50 (grouped 3x3 convs) and AlexNet (11x11 stride-4
-and 5x5 convs).
+pooling, a 25088 x 4096 fully connected layer), ResNeXt-50 (grouped 3x3 convs), AlexNet (11x11 stride-4
+and 5x5 convs), ConvNeXt-tiny (7x7 depthwise convs, layer norms, GELU MLPs on channels-last tensors) and
+RegNetY-800MF (convs in groups of 16 channels, squeeze-excitation).
 """
 
 from __future__ import annotations
@@ -343,6 +344,60 @@ def alexnet(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 
     return g.finish(g.gemm(x, hidden, classes), [batch, 3, size, size], [batch, classes])
 
 
+def convnext_tiny(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 1000,
+                  depths: tuple[int, ...] = (3, 3, 9, 3)) -> onnx.ModelProto:
+    """ConvNeXt-tiny as torchvision exports it: a 4x4 stride-4 stem, blocks of a 7x7 depthwise conv, then
+    channels-last layer norm, Linear 4x, exact GELU, Linear and a layer scale (MatMul + Add on the NHWC
+    tensor between two Transposes) plus the residual; channels-first layer norms (Transpose, LayerNorm,
+    Transpose) before each 2x2 stride-2 downsampling conv and the classifier."""
+    g = GraphBuilder("convnext_tiny", 0)
+    dims = [_ch(d, width) for d in (96, 192, 384, 768)]
+
+    def conv(x: str, c_in: int, c_out: int, k: int, group: int = 1) -> str:
+        w = g.const("conv_w", g.he_normal((c_out, c_in // group, k, k), fan_in=c_in // group * k * k))
+        stride, pad = (1, k // 2) if group > 1 else (k, 0)
+        return g.op("Conv", [x, w, g.small_normal("conv_b", (c_out,))], kernel_shape=[k, k],
+                    strides=[stride, stride], pads=[pad] * 4, group=group)
+
+    def layer_norm_2d(x: str, c: int) -> str:
+        y = g.layer_norm(g.op("Transpose", [x], perm=[0, 2, 3, 1]), c)
+        return g.op("Transpose", [y], perm=[0, 3, 1, 2])
+
+    c = dims[0]
+    x = layer_norm_2d(conv("input", 3, c, 4), c)
+    for stage, n in enumerate(depths):
+        if stage:
+            x, c = conv(layer_norm_2d(x, c), c, dims[stage], 2), dims[stage]
+        for _ in range(n):
+            y = g.op("Transpose", [conv(x, c, c, 7, group=c)], perm=[0, 2, 3, 1])
+            y = g.matmul_add(g.gelu(g.matmul_add(g.layer_norm(y, c), c, 4 * c)), 4 * c, c)
+            y = g.op("Mul", [y, g.small_normal("layer_scale", (c,), 0.5)])
+            x = g.op("Add", [x, g.op("Transpose", [y], perm=[0, 3, 1, 2])])
+    x = g.op("Flatten", [layer_norm_2d(g.op("GlobalAveragePool", [x]), c)], axis=1)
+    return g.finish(g.gemm(x, c, classes), [batch, 3, size, size], [batch, classes])
+
+
+def regnety_800mf(batch: int = 1, size: int = 224, width: float = 1.0, classes: int = 1000,
+                  group_width: int = 16) -> onnx.ModelProto:
+    """RegNetY-800MF (torchvision `regnet_y_800mf`): ResNet-style bottlenecks without expansion whose 3x3
+    convs run in groups of 16 channels, with squeeze-excitation (ReLU, Sigmoid) on a quarter of the block's
+    input channels."""
+    g = GraphBuilder("regnety_800mf", 0)
+    c = _ch(32, width)
+    x = _conv_bn_act(g, "input", 3, c, 3, stride=2)
+    for w, n in ((64, 1), (144, 3), (320, 8), (784, 2)):
+        w = _ch(w, width)
+        for i in range(n):
+            stride = 2 if i == 0 else 1
+            y = _conv_bn_act(g, x, c, w, 1)
+            y = _conv_bn_act(g, y, w, w, 3, stride=stride, group=w // min(group_width, w))
+            y = _squeeze_excite(g, y, w, max(1, round(c / 4)), "relu", "sigmoid")
+            y = _conv_bn_act(g, y, w, w, 1, act=None)
+            sc = _conv_bn_act(g, x, c, w, 1, stride=stride, act=None) if (stride != 1 or c != w) else x
+            x, c = g.op("Relu", [g.op("Add", [y, sc])]), w
+    return g.finish(_head(g, x, c, classes), [batch, 3, size, size], [batch, classes])
+
+
 CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet50": resnet50,
     "densenet121": densenet121,
@@ -360,4 +415,6 @@ EXTRA_CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "vgg11": vgg11,
     "resnext50": resnext50,
     "alexnet": alexnet,
+    "convnext_tiny": convnext_tiny,
+    "regnety_800mf": regnety_800mf,
 }
