@@ -1,4 +1,4 @@
-"""Convolution weights stored as column panels, each contiguous over the reduction axes.
+"""Convolution and matmul weights stored as column panels, each contiguous over the reduction axes.
 
 An NHWC conv's HWIO weight is read by the default schedule one register tile of output channels at a time:
 32 floats (128 bytes) per input channel, then a jump of a whole weight row (2 KB for 512 channels) to the
@@ -9,10 +9,19 @@ time as [O / P, KH, KW, I, P] panels, P the schedule's column tile, so the reduc
 front to back. The conv itself is TOPI's (the one legalization would emit), reading its HWIO filter through
 an index map that the schedule inlines: same arithmetic, same summation order.
 
+A matmul by a constant [k, n] weight over more than one row (a batch-8 fully connected layer, a
+transformer's projections) is stored the same way, as [n / P, k, P] panels; the matmul reads them through
+the same kind of index map. Its weights jumped a whole row per reduction step as well: AlexNet's
+9216 x 4096 layer at batch 8 took 14.3 ms (10.6 GB/s of weights) against 4.7 ms packed, the two following
+ones 5.8 + 1.0 -> 2.1 + 0.7 ms; a 384-wide transformer's projections at 128 tokens ran at 91 -> 96 GMAC/s.
+Batch-1 matmuls are packed earlier, by `layout.pack_gemv_weights`.
+
 Runs in the lowering pipeline after the sparse rewrite, which matches the plain conv2d ops.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import tvm
@@ -21,6 +30,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .cpu_schedule import column_tile
 from .frontend import rewrite_relax_functions
+from .matmul_pad import constant_weight
+from .sparse.rewrite import static_shape
 
 
 def _conv_with_packed_weight(x: te.Tensor, panels: te.Tensor, strides, padding, dilation,
@@ -29,6 +40,14 @@ def _conv_with_packed_weight(x: te.Tensor, panels: te.Tensor, strides, padding, 
     hwio = te.compute((kh, kw, ci, n_panels * p), lambda h, w, i, o: panels[o // p, h, w, i, o % p],
                       name="weight_panels")
     return topi.nn.conv(x, hwio, strides, padding, dilation, 1, "NHWC", "HWIO", out_dtype)
+
+
+def _matmul_with_packed_weight(x: te.Tensor, panels: te.Tensor) -> te.Tensor:
+    n_panels, k, p = (int(d) for d in panels.shape)
+    w = te.compute((k, n_panels * p), lambda r, o: panels[o // p, r, o % p], name="weight_panels")
+    r = te.reduce_axis((0, k), name="k")
+    return te.compute((*x.shape[:-1], n_panels * p), lambda *i: te.sum(x[(*i[:-1], r)] * w[r, i[-1]], axis=r),
+                      name="matmul")
 
 
 def dtype_or_none(dtype) -> str | None:
@@ -56,6 +75,8 @@ class _ConvWeightPacker(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
+        if constant_weight(call) is not None:
+            return self._pack_matmul(call)
         w = nhwc_conv_weight(call)
         if w is None or call.ty.shape is None:
             return call
@@ -70,6 +91,20 @@ class _ConvWeightPacker(PyExprMutator):
                                      [int(s) for s in attrs.strides], [int(s) for s in attrs.padding],
                                      [int(s) for s in attrs.dilation], dtype_or_none(attrs.out_dtype),
                                      primfunc_name_hint="conv2d")
+
+    def _pack_matmul(self, call: relax.Call) -> relax.Expr:
+        w = constant_weight(call)
+        shape = static_shape(call.args[0])
+        if (shape is None or len(shape) < 2 or math.prod(shape[:-1]) == 1
+                or dtype_or_none(call.attrs.out_dtype) not in (None, "float32")):
+            return call  # (batch-1 matmuls are packed by `layout.pack_gemv_weights`)
+        k, n = (int(d) for d in w.shape)
+        p = column_tile(shape[-2], n, self.target)
+        if n % p or n == p:
+            return call
+        panels = np.ascontiguousarray(w.numpy().reshape(k, n // p, p).transpose(1, 0, 2))
+        return self.builder_.call_te(_matmul_with_packed_weight, call.args[0], relax.const(panels),
+                                     primfunc_name_hint="matmul")
 
 
 def pack_conv_weights(target: tvm.target.Target) -> tvm.transform.Pass:
