@@ -3,7 +3,7 @@
 Models: the zoo's shipped and synthetic models plus standard CNN topologies (`cnn_models.py`: ResNet-50,
 DenseNet-121, Inception, MobileNet-v2, SqueezeNet, ShuffleNet-v2), at batch 1 and 8; `--models` also takes
 the topologies kept out of the default list (`EXTRA_CNNS`: EfficientNet-B0, MobileNet-v3-small, ResNet-18,
-VGG-11). Every artifact is built with the real pipeline (`sparsecc.compile(..., target="cpu")`, verified
+VGG-11, ResNeXt-50, AlexNet, ConvNeXt-tiny, RegNetY-800MF). Every artifact is built with the real pipeline (`sparsecc.compile(..., target="cpu")`, verified
 against ONNX Runtime) and run with `sparsecc.load(...).run(...)`; ONNX Runtime gets the same thread count
 (`intra_op_num_threads`).
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the models and artifacts in the work directory")
     args = ap.parse_args(argv)
     threads = args.threads or physical_cores()
     names = args.models or all_names()
@@ -185,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
             np.savez(inputs, **{s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in runner.inputs})
             del runner
             res, latency = compare(model_file, artifacts, threads, inputs, args.rounds, args.runs, probe)
+            if not args.keep:  # (VGG-11's artifacts at batch 8 take 1 GB)
+                for path in (model_file, inputs, *artifacts.values()):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
             for variant, (o, u, r) in res.items():
                 rows.append(dict(model=name, batch=batch, variant=variant, ort_ms=o, ours_ms=u, ratio=r,
                                  compile_s=compile_s[variant], max_rel_error=err, c2c_ns=latency))
@@ -203,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{variant}: geometric mean ratio {geo:.2f}, min {min(rs):.2f} over {len(rs)} model x batch")
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": threads, "rows": rows}, indent=1))
+    if not args.keep:
+        shutil.rmtree(work)
 
 
 if __name__ == "__main__":
