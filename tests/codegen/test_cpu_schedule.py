@@ -198,6 +198,21 @@ def test_depthwise_padding_is_inlined_for_inputs_beyond_the_cache(size, group, i
     _check(model, [1, 320, size, size])
 
 
+@pytest.mark.parametrize("stride, group_size", [(2, 16), (1, 16), (2, 8)])
+def test_strided_grouped_convs_read_through_bounds_tests(stride, group_size):
+    """A grouped conv with stride 2 reads its input through the padding's bounds tests (each input element
+    feeds a quarter of the multiply-adds it feeds at stride 1, and the pass cost more than the tests); at
+    stride 1 the padding pass stays, whatever the input's size."""
+    inits: dict[str, np.ndarray] = {}
+    nodes = [_conv("c", "x", 64, 64, 3, stride=stride, group=64 // group_size, inits=inits),
+             helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [1, 64, 14, 14], [1, 64, 14 // stride, 14 // stride], inits)
+    conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+    assert "shifted" not in conv.script()
+    assert ("sblock(\"pad_temp\")" in conv.script()) == (stride == 1)
+    _check(model, [1, 64, 14, 14])
+
+
 def test_streamed_depthwise_tiles_span_whole_pixels():
     """A depthwise conv over an input beyond the cache computes all channels of one pixel per register tile
     (96 channels: six vectors), reading each input pixel whole; the result still matches ONNX Runtime."""
