@@ -275,6 +275,15 @@ def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes
         sch.vectorize(vec)
 
 
+def _root_blocks(rule: CPUScheduleRule, func: tirx.PrimFunc, target: Target) -> tuple | None:
+    """A schedule of `func`, the root's child blocks and their infos; None where `rule` is not for `target`."""
+    if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    return sch, blocks, [get_sblock_info(sch, b) for b in blocks]
+
+
 class Contraction(CPUScheduleRule):
     """Conv/matmul/pooling: one reduction block whose output's innermost axis can be vectorized.
 
@@ -286,11 +295,9 @@ class Contraction(CPUScheduleRule):
         self.variant = variant
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if (root := _root_blocks(self, func, target)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(get_root_block(sch))
-        infos = [get_sblock_info(sch, b) for b in blocks]
+        sch, blocks, infos = root
         reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
         if len(reductions) != 1:
             return None
@@ -700,11 +707,9 @@ class RowReduction(CPUScheduleRule):
     order per row becomes lane-wise, which changes results in the last bits only."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        if (root := _root_blocks(self, func, target)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(get_root_block(sch))
-        infos = [get_sblock_info(sch, b) for b in blocks]
+        sch, blocks, infos = root
         if len(blocks) < 2 or not infos[-1].is_injective() or all(i.is_injective() for i in infos):
             return None
         if not all(_simple_loop_nest(sch, b) for b in blocks):

@@ -33,14 +33,15 @@ def _conv_model(c_in: int, c_out: int, k: int, size: int, **attrs) -> onnx.Model
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _packed(model: onnx.ModelProto, target: tvm.target.Target) -> list[tuple[int, ...]]:
+def _packed(model: onnx.ModelProto, target: tvm.target.Target, rank: int = 5) -> list[tuple[int, ...]]:
+    """The shapes of the rank-`rank` constants after the layout passes and weight packing."""
     with target:
         mod = tvm.transform.Sequential(layout.layout_passes(target) + [conv_pack.pack_conv_weights(target)])(
             from_onnx(model, keep_params_in_input=False))
     shapes: list[tuple[int, ...]] = []
     relax.analysis.post_order_visit(mod["main"], lambda e: shapes.append(tuple(int(d) for d in e.value.shape))
                                     if isinstance(e, tvm.ir.Constant) and hasattr(e.value, "shape") else None)
-    return [s for s in shapes if len(s) == 5]
+    return [s for s in shapes if len(s) == rank]
 
 
 @pytest.mark.parametrize("attrs", [
@@ -92,15 +93,9 @@ def test_matmul_weights_packed_as_panels_match_ort(x_shape, n):
     `layout.pack_gemv_weights`' (above 1 MB; this one is smaller and stays [k, n])."""
     target = cpu_target(2).target()
     model = _matmul_model(x_shape, n)
-    with target:
-        mod = tvm.transform.Sequential(layout.layout_passes(target) + [conv_pack.pack_conv_weights(target)])(
-            from_onnx(model, keep_params_in_input=False))
-    shapes: list[tuple[int, ...]] = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: shapes.append(tuple(int(d) for d in e.value.shape))
-                                    if isinstance(e, tvm.ir.Constant) and hasattr(e.value, "shape") else None)
     m, k = int(np.prod(x_shape[:-1])), x_shape[-1]
     p = column_tile(x_shape[-2], n, target)
-    assert [s for s in shapes if len(s) == 3] == ([(n // p, k, p)] if m > 1 else [])
+    assert _packed(model, target, rank=3) == ([(n // p, k, p)] if m > 1 else [])
 
     x = RNG.standard_normal(x_shape).astype(np.float32)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
