@@ -440,19 +440,24 @@ def _blocks_after_elementwise(make_out) -> int:
     from tvm.s_tir.dlight.analysis import get_root_block
 
     a, b = te.placeholder((2, 6, 6, 8), name="a"), te.placeholder((2, 6, 6, 8), name="b")
-    func = te.create_prim_func([a, b, make_out(topi, a, b)])
+    out = make_out(topi, a, b)
+    func = te.create_prim_func([a, b, *(out if isinstance(out, list) else [out])])
     sch = cpu_schedule.Elementwise().apply(func, _target(), False)
     return len(sch.get_child_blocks(get_root_block(sch)))
 
 
 def test_concat_inlined_only_into_permuting_consumers():
     """A channel concat read through a permutation (ShuffleNet's concat + shuffle) is inlined: one copy, not
-    two; read element for element (DenseNet's concat + BN + ReLU) it stays a vectorized copy; padding stays."""
+    two; read element for element (DenseNet's concat + BN + ReLU) it stays a vectorized copy; padding stays.
+    The shuffled channels split in halves (ShuffleNet-v2's next unit) are computed by the halves' copies
+    themselves, without the shuffled tensor in between (ShuffleNet-v2 at batch 8: 15.3 -> 14.6 ms)."""
     shuffle = lambda topi, a, b: topi.transpose(  # noqa: E731
         topi.reshape(topi.concatenate([a, b], axis=3), (2, 6, 6, 2, 8)), (0, 1, 2, 4, 3))
     relu = lambda topi, a, b: topi.nn.relu(topi.concatenate([a, b], axis=3))  # noqa: E731
     pad = lambda topi, a, b: topi.nn.relu(topi.nn.pad(topi.add(a, b), [0, 1, 1, 0], [0, 1, 1, 0]))  # noqa: E731
     assert _blocks_after_elementwise(shuffle) == 1
+    halves = lambda topi, a, b: list(topi.split(topi.reshape(shuffle(topi, a, b), (2, 6, 6, 16)), 2, axis=3))  # noqa: E731
+    assert _blocks_after_elementwise(halves) == 2
     assert _blocks_after_elementwise(relu) == 2
     assert _blocks_after_elementwise(pad) == 2
 
