@@ -10,8 +10,8 @@ front to back. The conv itself is TOPI's (the one legalization would emit), read
 an index map that the schedule inlines: same arithmetic, same summation order.
 
 A matmul by a constant [k, n] weight over more than one row (a batch-8 fully connected layer, a
-transformer's projections) is stored the same way, as [n / P, k, P] panels; the matmul reads them through
-the same kind of index map. Its weights jumped a whole row per reduction step as well: AlexNet's
+transformer's projections) is stored the same way, as [n / P, k, P] panels, and computed by `packed_matmul`
+(which the wasm backend's dense packing uses as well). Its weights jumped a whole row per reduction step as well: AlexNet's
 9216 x 4096 layer at batch 8 took 14.3 ms (10.6 GB/s of weights) against 4.7 ms packed, the two following
 ones 5.8 + 1.0 -> 2.1 + 0.7 ms; a 384-wide transformer's projections at 128 tokens ran at 91 -> 96 GMAC/s.
 Batch-1 matmuls are packed earlier, by `layout.pack_gemv_weights`.
@@ -42,12 +42,13 @@ def _conv_with_packed_weight(x: te.Tensor, panels: te.Tensor, strides, padding, 
     return topi.nn.conv(x, hwio, strides, padding, dilation, 1, "NHWC", "HWIO", out_dtype)
 
 
-def _matmul_with_packed_weight(x: te.Tensor, panels: te.Tensor) -> te.Tensor:
-    n_panels, k, p = (int(d) for d in panels.shape)
-    w = te.compute((k, n_panels * p), lambda r, o: panels[o // p, r, o % p], name="weight_panels")
-    r = te.reduce_axis((0, k), name="k")
-    return te.compute((*x.shape[:-1], n_panels * p), lambda *i: te.sum(x[(*i[:-1], r)] * w[r, i[-1]], axis=r),
-                      name="matmul")
+def packed_matmul(x: te.Tensor, wp: te.Tensor) -> te.Tensor:
+    """`x[..., K] @ W[K, N]` with W given packed as `wp[N / c, K, c]` (also the wasm backend's dense matmul)."""
+    nb, k_ext, c = (int(d) for d in wp.shape)
+    k = te.reduce_axis((0, k_ext), name="k")
+    return te.compute((*x.shape[:-1], nb * c),
+                      lambda *i: te.sum(x[(*i[:-1], k)] * wp[i[-1] // c, k, i[-1] % c], axis=k),
+                      name="packed_matmul")
 
 
 def dtype_or_none(dtype) -> str | None:
@@ -75,8 +76,8 @@ class _ConvWeightPacker(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if constant_weight(call) is not None:
-            return self._pack_matmul(call)
+        if (w := constant_weight(call)) is not None:
+            return self._pack_matmul(call, w)
         w = nhwc_conv_weight(call)
         if w is None or call.ty.shape is None:
             return call
@@ -92,8 +93,7 @@ class _ConvWeightPacker(PyExprMutator):
                                      [int(s) for s in attrs.dilation], dtype_or_none(attrs.out_dtype),
                                      primfunc_name_hint="conv2d")
 
-    def _pack_matmul(self, call: relax.Call) -> relax.Expr:
-        w = constant_weight(call)
+    def _pack_matmul(self, call: relax.Call, w: tvm.runtime.Tensor) -> relax.Expr:
         shape = static_shape(call.args[0])
         if (shape is None or len(shape) < 2 or math.prod(shape[:-1]) == 1
                 or dtype_or_none(call.attrs.out_dtype) not in (None, "float32")):
@@ -103,7 +103,7 @@ class _ConvWeightPacker(PyExprMutator):
         if n % p or n == p:
             return call
         panels = np.ascontiguousarray(w.numpy().reshape(k, n // p, p).transpose(1, 0, 2))
-        return self.builder_.call_te(_matmul_with_packed_weight, call.args[0], relax.const(panels),
+        return self.builder_.call_te(packed_matmul, call.args[0], relax.const(panels),
                                      primfunc_name_hint="matmul")
 
 

@@ -720,30 +720,25 @@ class RowReduction(CPUScheduleRule):
             return None
         if not all(_simple_loop_nest(sch, b) for b in blocks):
             return None
-        reductions = [b for b, i in zip(blocks, infos) if not i.is_injective()]
-        kinds = [get_sblock_info(sch, b).dom_kind() for b in reductions]
+        kinds = [i.dom_kind() for i in infos if not i.is_injective()]
         n_rows = len(kinds[0]) - len(kinds[0].lstrip("S"))
+        if any(k != "S" * n_rows + "R" * (len(k) - n_rows) for k in kinds):
+            return None  # reduces over a leading axis (NHWC pooling), or over other rows
         rows = [_extent(sch, lp) for lp in sch.get_loops(blocks[-1])[:n_rows]]
-        for b, k in zip(reductions, kinds):
-            if k != "S" * n_rows + "R" * (len(k) - n_rows):
-                return None  # reduces over a leading axis (NHWC pooling), or over other rows
-            if [_extent(sch, lp) for lp in sch.get_loops(b)[:n_rows]] != rows:
-                return None
-        for b in blocks:
-            if [_extent(sch, lp) for lp in sch.get_loops(b)[:n_rows]] != rows:
-                return None
+        if any([_extent(sch, lp) for lp in sch.get_loops(b)[:n_rows]] != rows for b in blocks):
+            return None
         lanes = vector_lanes(target, tvm.runtime.DataType(str(sch.get(blocks[-1]).writes[0].source.dtype)).bits)
         try:
-            self._schedule(sch, blocks, reductions, n_rows, lanes)
+            self._schedule(sch, blocks, [i.is_injective() for i in infos], n_rows, lanes)
         except Exception:  # noqa: BLE001 - a reduction rfactor cannot split: dlight's rule takes the function
             return None
         return sch
 
     @staticmethod
-    def _schedule(sch: s_tir.Schedule, blocks: list, reductions: list, n_rows: int, lanes: int) -> None:
+    def _schedule(sch: s_tir.Schedule, blocks: list, injective: list[bool], n_rows: int, lanes: int) -> None:
         # Vector partial results first, while each reduction is still its own loop nest (rfactor's condition).
         partial = []
-        for b in reductions:
+        for b in (b for b, inj in zip(blocks, injective) if not inj):
             inner = sch.get_loops(b)[-1]
             width = vector_width(_extent(sch, inner) or 1, lanes)
             if width < 4 or (_extent(sch, inner) or 0) <= width:
@@ -766,10 +761,10 @@ class RowReduction(CPUScheduleRule):
             sch.reorder(*rest, lane)
             sch.vectorize(lane)
             sch.decompose_reduction(b, rest[n_rows])
-        for b in blocks:
+        for b in (b for b, inj in zip(blocks, injective) if inj):
             loops = sch.get_loops(b)
             width = vector_width(_extent(sch, loops[-1]) or 1, lanes)
-            if len(loops) > 1 and get_sblock_info(sch, b).is_injective() and width >= 4:
+            if len(loops) > 1 and width >= 4:
                 sch.vectorize(sch.split(loops[-1], factors=[None, width])[1])
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..conv_pack import packed_matmul
 from ..cpu_schedule import column_tile
 from ..frontend import rewrite_relax_functions
 
@@ -28,16 +29,6 @@ def _static(shape) -> tuple[int, ...] | None:
     if values is None or not all(isinstance(d, tirx.IntImm) for d in values):
         return None
     return tuple(int(d) for d in values)
-
-
-def packed_matmul(x: te.Tensor, wp: te.Tensor) -> te.Tensor:
-    """`x[..., K] @ W[K, N]` with W given packed as `wp[N / c, K, c]`."""
-    nb, k_ext, c = (int(d) for d in wp.shape)
-    k = te.reduce_axis((0, k_ext), name="k")
-    lead = tuple(x.shape[:-1])
-    return te.compute((*lead, nb * c),
-                      lambda *i: te.sum(x[(*i[:-1], k)] * wp[i[-1] // c, k, i[-1] % c], axis=k),
-                      name="packed_matmul")
 
 
 @mutator
@@ -75,4 +66,4 @@ def pack_dense_weights(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     return _Packer(mod, target).transform()
 
 
-__all__ = ["pack_dense_weights", "packed_matmul"]
+__all__ = ["pack_dense_weights"]
