@@ -3,9 +3,9 @@
 Models: the zoo's shipped and synthetic models plus standard CNN topologies (`cnn_models.py`: ResNet-50,
 DenseNet-121, Inception, MobileNet-v2, SqueezeNet, ShuffleNet-v2), at batch 1 and 8; `--models` also takes
 the topologies kept out of the default list (`EXTRA_CNNS`: EfficientNet-B0, MobileNet-v3-small, ResNet-18,
-VGG-11, ResNeXt-50, AlexNet, ConvNeXt-tiny, RegNetY-800MF). Every artifact is built with the real pipeline (`sparsecc.compile(..., target="cpu")`, verified
-against ONNX Runtime) and run with `sparsecc.load(...).run(...)`; ONNX Runtime gets the same thread count
-(`intra_op_num_threads`).
+VGG-11, ResNeXt-50, AlexNet, ConvNeXt-tiny, RegNetY-800MF). Every artifact is built with the real pipeline
+(`sparsecc.compile(..., target="cpu")`, verified against ONNX Runtime) and run with
+`sparsecc.load(...).run(...)`; ONNX Runtime gets the same thread count (`intra_op_num_threads`).
 
 Each timing runs in its own child process, alternating ORT and ours for `--rounds` rounds; a round's ratio
 compares two medians taken seconds apart, and the table reports the median ratio over rounds. Separate
