@@ -3,7 +3,8 @@
 Models: the zoo's shipped and synthetic models plus standard CNN topologies (`cnn_models.py`: ResNet-50,
 DenseNet-121, Inception, MobileNet-v2, SqueezeNet, ShuffleNet-v2), at batch 1 and 8; `--models` also takes
 the topologies kept out of the default list (`EXTRA_CNNS`: EfficientNet-B0, MobileNet-v3-small, ResNet-18,
-VGG-11, ResNeXt-50, AlexNet, ConvNeXt-tiny, RegNetY-800MF). Every artifact is built with the real pipeline
+VGG-11, ResNeXt-50, AlexNet, ConvNeXt-tiny, RegNetY-800MF, YOLOX-s) and paths to ONNX files (timed at their own batch
+size where it is fixed, else at each of `--batches`). Every artifact is built with the real pipeline
 (`sparsecc.compile(..., target="cpu")`, verified against ONNX Runtime) and run with
 `sparsecc.load(...).run(...)`; ONNX Runtime gets the same thread count (`intra_op_num_threads`).
 
@@ -19,6 +20,7 @@ ORT and us (by different amounts) and can change from one minute to the next.
 
     python benchmarks/dense_cpu.py                          # all models, batch 1 and 8, untuned
     python benchmarks/dense_cpu.py --models resnet50 --batches 1 --tune 2000
+    python benchmarks/dense_cpu.py --models my_model.onnx
 """
 
 from __future__ import annotations
@@ -54,10 +56,23 @@ def zoo_models(batch: int) -> dict[str, onnx.ModelProto]:
 
 
 def build(name: str, batch: int) -> onnx.ModelProto:
+    if name.endswith(".onnx"):
+        return onnx.load(name)
     cnns = {**CNNS, **EXTRA_CNNS}
     if name in cnns:
         return cnns[name](batch=batch)
     return zoo_models(batch)[name]
+
+
+def batches_of(name: str, batches: list[int]) -> list[int]:
+    """The batch sizes to time `name` at: an ONNX file whose first input fixes its leading dim has only that one."""
+    if not name.endswith(".onnx"):
+        return batches
+    graph = onnx.load(name, load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    first = next(v for v in graph.input if v.name not in inits)
+    dims = first.type.tensor_type.shape.dim
+    return [dims[0].dim_value] if dims and dims[0].dim_value > 0 else batches
 
 
 def all_names() -> list[str]:
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=None,
-                    help=f"default: all of {all_names()}; also: {list(EXTRA_CNNS)}")
+                    help=f"default: all of {all_names()}; also: {list(EXTRA_CNNS)} and ONNX files")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--tune", type=int, default=0, help="also build tuned artifacts with this many trials")
@@ -166,9 +181,10 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name in names:
-        for batch in args.batches:
+        for batch in batches_of(name, args.batches):
             model = build(name, batch)
-            tag = f"{name}_b{batch}"
+            label = Path(name).stem if name.endswith(".onnx") else name
+            tag = f"{label}_b{batch}"
             model_file = work / f"{tag}.onnx"
             onnx.save(model, str(model_file))
             artifacts: dict[str, Path] = {}
@@ -194,16 +210,16 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         path.unlink()
             for variant, (o, u, r) in res.items():
-                rows.append(dict(model=name, batch=batch, variant=variant, ort_ms=o, ours_ms=u, ratio=r,
+                rows.append(dict(model=label, batch=batch, variant=variant, ort_ms=o, ours_ms=u, ratio=r,
                                  compile_s=compile_s[variant], max_rel_error=err, c2c_ns=latency))
-                print(f"{name:>18} b{batch:<2} {variant:>8}: ORT {o:9.2f} ms  ours {u:9.2f} ms  "
+                print(f"{label:>18} b{batch:<2} {variant:>8}: ORT {o:9.2f} ms  ours {u:9.2f} ms  "
                       f"ratio {r:5.2f}  (compile {compile_s[variant]:.0f} s, rel err {err:.1e}, c2c ns {_c2c(latency)})",
                       flush=True)
 
     print("\nratio = ORT time / our time (higher is better; >1 means faster than ONNX Runtime)")
-    print(f"{'model':>18} {'batch':>5} {'variant':>8} {'ORT ms':>9} {'ours ms':>9} {'ratio':>6}  c2c ns")
+    print(f"{'model':>20} {'batch':>5} {'variant':>8} {'ORT ms':>9} {'ours ms':>9} {'ratio':>6}  c2c ns")
     for r in rows:
-        print(f"{r['model']:>18} {r['batch']:>5} {r['variant']:>8} {r['ort_ms']:9.2f} {r['ours_ms']:9.2f} "
+        print(f"{r['model']:>20} {r['batch']:>5} {r['variant']:>8} {r['ort_ms']:9.2f} {r['ours_ms']:9.2f} "
               f"{r['ratio']:6.2f}  {_c2c(r['c2c_ns'])}")
     for variant in sorted({r["variant"] for r in rows}):
         rs = [r["ratio"] for r in rows if r["variant"] == variant]
