@@ -10,7 +10,8 @@ SqueezeNet 1.1 (fire modules, biased convs without BN) and ShuffleNet-v2 (channe
 (HardSwish, HardSigmoid squeeze-excitation), ResNet-18 (basic blocks) and VGG-11 (large 3x3 convs, max
 pooling, a 25088 x 4096 fully connected layer), ResNeXt-50 (grouped 3x3 convs), AlexNet (11x11 stride-4
 and 5x5 convs), ConvNeXt-tiny (7x7 depthwise convs, layer norms, GELU MLPs on channels-last tensors) and
-RegNetY-800MF (convs in groups of 16 channels, squeeze-excitation).
+RegNetY-800MF (convs in groups of 16 channels, squeeze-excitation) and YOLOX-s, a 416x416 detector (Focus
+slicing, SPP max pools, nearest upsampling, multi-level heads).
 """
 
 from __future__ import annotations
@@ -398,6 +399,61 @@ def regnety_800mf(batch: int = 1, size: int = 224, width: float = 1.0, classes: 
     return g.finish(_head(g, x, c, classes), [batch, 3, size, size], [batch, classes])
 
 
+def yolox_s(batch: int = 1, size: int = 416, width: float = 1.0, classes: int = 80) -> onnx.ModelProto:
+    """YOLOX-s as its ONNX export looks: a Focus stem (four strided Slices, Concat), a CSPDarknet backbone
+    with SiLU and an SPP block (max pools of 5, 9, 13), a PAFPN neck (nearest Resize x2 up, strided convs
+    down, Concats), and decoupled heads whose [box, Sigmoid(objectness), Sigmoid(classes)] maps are flattened
+    and concatenated over the three levels into [batch, anchors, 5 + classes]."""
+    g = GraphBuilder("yolox_s", 0)
+
+    def cba(x: str, c_in: int, c_out: int, k: int, stride: int = 1) -> str:
+        return _conv_bn_act(g, x, c_in, c_out, k, stride, act="silu")
+
+    def csp(x: str, c_in: int, c_out: int, n: int, shortcut: bool = True) -> str:
+        hid = c_out // 2
+        y, z = cba(x, c_in, hid, 1), cba(x, c_in, hid, 1)
+        for _ in range(n):
+            b = cba(cba(y, hid, hid, 1), hid, hid, 3)
+            y = g.op("Add", [y, b]) if shortcut else b
+        return cba(g.op("Concat", [y, z], axis=1), 2 * hid, c_out, 1)
+
+    def up(x: str) -> str:
+        scales = g.const("scales", np.array([1, 1, 2, 2], np.float32))
+        return g.op("Resize", [x, "", scales], mode="nearest")
+
+    c = [_ch(ch, width) for ch in (32, 64, 128, 256, 512)]
+    i64 = lambda v: g.const("slice", np.array(v, np.int64))  # noqa: E731
+    parts = [g.op("Slice", ["input", i64([h, w]), i64([size, size]), i64([2, 3]), i64([2, 2])])
+             for h, w in ((0, 0), (1, 0), (0, 1), (1, 1))]
+    x = cba(g.op("Concat", parts, axis=1), 12, c[0], 3)
+    x = csp(cba(x, c[0], c[1], 3, 2), c[1], c[1], 1)
+    dark3 = csp(cba(x, c[1], c[2], 3, 2), c[2], c[2], 3)
+    dark4 = csp(cba(dark3, c[2], c[3], 3, 2), c[3], c[3], 3)
+    x = cba(cba(dark4, c[3], c[4], 3, 2), c[4], c[3], 1)
+    pools = [g.op("MaxPool", [x], kernel_shape=[k, k], strides=[1, 1], pads=[k // 2] * 4) for k in (5, 9, 13)]
+    x = cba(g.op("Concat", [x, *pools], axis=1), 4 * c[3], c[4], 1)
+    dark5 = csp(x, c[4], c[4], 1, shortcut=False)
+    fpn0 = cba(dark5, c[4], c[3], 1)
+    f = csp(g.op("Concat", [up(fpn0), dark4], axis=1), c[4], c[3], 1, shortcut=False)
+    fpn1 = cba(f, c[3], c[2], 1)
+    pan2 = csp(g.op("Concat", [up(fpn1), dark3], axis=1), c[3], c[2], 1, shortcut=False)
+    p = cba(pan2, c[2], c[2], 3, 2)
+    pan1 = csp(g.op("Concat", [p, fpn1], axis=1), c[3], c[3], 1, shortcut=False)
+    p = cba(pan1, c[3], c[3], 3, 2)
+    pan0 = csp(g.op("Concat", [p, fpn0], axis=1), c[4], c[4], 1, shortcut=False)
+    outs = []
+    for x, ch in ((pan2, c[2]), (pan1, c[3]), (pan0, c[4])):
+        stem = cba(x, ch, c[2], 1)
+        cls = _conv_bias_only(g, cba(cba(stem, c[2], c[2], 3), c[2], c[2], 3), c[2], classes)
+        reg = cba(cba(stem, c[2], c[2], 3), c[2], c[2], 3)
+        box, obj = _conv_bias_only(g, reg, c[2], 4), _conv_bias_only(g, reg, c[2], 1)
+        y = g.op("Concat", [box, g.op("Sigmoid", [obj]), g.op("Sigmoid", [cls])], axis=1)
+        outs.append(g.op("Reshape", [y, g.const("shape", np.array([batch, 5 + classes, -1], np.int64))]))
+    anchors = sum((size // s) ** 2 for s in (8, 16, 32))
+    y = g.op("Transpose", [g.op("Concat", outs, axis=2)], perm=[0, 2, 1])
+    return g.finish(y, [batch, 3, size, size], [batch, anchors, 5 + classes])
+
+
 CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet50": resnet50,
     "densenet121": densenet121,
@@ -417,4 +473,5 @@ EXTRA_CNNS: dict[str, Callable[..., onnx.ModelProto]] = {
     "alexnet": alexnet,
     "convnext_tiny": convnext_tiny,
     "regnety_800mf": regnety_800mf,
+    "yolox_s": yolox_s,
 }

@@ -3,8 +3,8 @@
 Models: the zoo's shipped and synthetic models plus standard CNN topologies (`cnn_models.py`: ResNet-50,
 DenseNet-121, Inception, MobileNet-v2, SqueezeNet, ShuffleNet-v2), at batch 1 and 8; `--models` also takes
 the topologies kept out of the default list (`EXTRA_CNNS`: EfficientNet-B0, MobileNet-v3-small, ResNet-18,
-VGG-11, ResNeXt-50, AlexNet, ConvNeXt-tiny, RegNetY-800MF, YOLOX-s) and paths to ONNX files (timed at their own batch
-size where it is fixed, else at each of `--batches`). Every artifact is built with the real pipeline
+VGG-11, ResNeXt-50, AlexNet, ConvNeXt-tiny, RegNetY-800MF, YOLOX-s) and paths to ONNX files (timed at their
+own batch size where it is fixed, else at each of `--batches`). Every artifact is built with the real pipeline
 (`sparsecc.compile(..., target="cpu")`, verified against ONNX Runtime) and run with
 `sparsecc.load(...).run(...)`; ONNX Runtime gets the same thread count (`intra_op_num_threads`).
 
