@@ -210,29 +210,56 @@ def _keeps_copy(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     """Whether a block with a select stays its own pass instead of being inlined into its consumers.
 
     Padding with a constant does (the consumers' loops would test bounds). A concatenation is inlined only
-    into consumers that permute it (ShuffleNet's concat + channel shuffle + split: one copy instead of two):
-    a consumer reading it element for element is vectorized, and a select per element there is slower than
-    the copy (DenseNet's concat + BN + ReLU: 1.5x). Consumers that only copy (the halves of a split after
-    ShuffleNet-v2's shuffle) compute the selection themselves: the shuffled tensor was a workspace buffer
-    written and read again (ShuffleNet-v2 at batch 8 15.3 -> 14.6 ms, at batch 1 2.68 -> 2.39 ms)."""
+    into consumers that permute it (ShuffleNet's concat + channel shuffle + split: one copy instead of two)
+    (`Elementwise` also inlines one along its innermost axis into consumers reading it in place: see
+    `_concat_cuts`). A consumer reading it element for element would otherwise select per element, which is
+    slower than the copy (DenseNet's concat + BN + ReLU: 1.5x). Consumers that only copy (the halves of a
+    split after ShuffleNet-v2's shuffle) compute the selection themselves: the shuffled tensor was a
+    workspace buffer written and read again (ShuffleNet-v2 at batch 8 15.3 -> 14.6 ms, at batch 1 2.68 ->
+    2.39 ms)."""
     body = sch.get(block).body
     value = body.value if isinstance(body, tirx.BufferStore) else None
     if not (isinstance(value, tvm.ir.Call) and str(value.op.name).endswith("if_then_else")):
         return _is_pad(sch, block)
     if any(isinstance(e, (tirx.IntImm, tirx.FloatImm)) for e in value.args[1:]):
         return True
-    out = body.buffer
     consumers = [sch.get(c) for c in sch.get_consumers(block)]
     if consumers and all(isinstance(c.body, tirx.BufferStore) and isinstance(c.body.value, tvm.ir.TensorLoad)
                          for c in consumers):
         return False  # copies (the halves of a split): each computes its part of the selection itself
-    for stmt in consumers:
-        iters = [iv.var for iv in stmt.iter_vars]
-        for read in stmt.reads:
-            if read.source.same_as(out) and len(read.region) == len(iters) and all(
-                    r.min.same_as(v) for r, v in zip(read.region, iters)):
-                return True
-    return False
+    return any(_reads_in_place(c, body.buffer) for c in consumers)
+
+
+def _reads_in_place(stmt: tirx.SBlock, buffer: tirx.Buffer) -> bool:
+    """Whether `stmt` reads `buffer` at its own iteration point (element for element, same axes)."""
+    iters = [iv.var for iv in stmt.iter_vars]
+    return any(read.source.same_as(buffer) and len(read.region) == len(iters)
+               and all(r.min.same_as(v) for r, v in zip(read.region, iters)) for read in stmt.reads)
+
+
+def _concat_cuts(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[int]:
+    """Where a concatenation along the block's innermost axis passes from one part to the next: the
+    constants its chain of selects compares that axis with ([] for any other block).
+
+    A select per element costs more than the copy itself (DenseNet-169's concatenation of 13 parts and
+    BN + ReLU, 1x28x28x512: 0.78 ms): loops cut at these points read one part each, and the selects fold
+    away (0.06 ms)."""
+    stmt = sch.get(block)
+    if not isinstance(stmt.body, tirx.BufferStore) or not stmt.iter_vars:
+        return []
+    axis = stmt.iter_vars[-1].var
+    value, cuts = stmt.body.value, []
+    while isinstance(value, tvm.ir.Call) and str(value.op.name).endswith("if_then_else"):
+        cond, then, value = value.args
+        if not isinstance(then, tvm.ir.TensorLoad):
+            return []
+        if isinstance(cond, tirx.LE) and isinstance(cond.a, tirx.IntImm) and cond.b.same_as(axis):
+            cuts.append(int(cond.a.value))
+        elif isinstance(cond, tirx.LT) and cond.a.same_as(axis) and isinstance(cond.b, tirx.IntImm):
+            cuts.append(int(cond.b.value))
+        else:
+            return []
+    return sorted(set(cuts)) if isinstance(value, tvm.ir.TensorLoad) else []
 
 
 # Below this many loop iterations a function runs on one thread: waking the pool costs more than it saves.
@@ -250,8 +277,12 @@ def _work(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int:
     return n
 
 
-def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
-    """Parallel outer loops, vectorized innermost loop (when it is long enough to fill a vector)."""
+def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int,
+                      cuts: list[int] | None = None) -> None:
+    """Parallel outer loops, vectorized innermost loop (when it is long enough to fill a vector).
+
+    `cuts`: points of the innermost loop where the block passes from one part of a concatenation to the
+    next (`_concat_cuts`); the loop is partitioned there, in vectors that divide every part."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -259,7 +290,17 @@ def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes
     inner_ext = _extent(sch, loops[-1])
     vec = None
     outer = list(loops)
-    if inner_ext is not None and inner_ext >= lanes and len(loops) >= 1:
+    pieces: list[int] = []
+    if cuts and inner_ext is not None:
+        bounds = [0, *(c for c in cuts if 0 < c < inner_ext), inner_ext]
+        pieces = [b - a for a, b in zip(bounds, bounds[1:])]
+        width = math.gcd(lanes, *pieces)
+        piece_loop = loops[-1]
+        if width > 1:
+            piece_loop, vec = sch.split(loops[-1], factors=[None, width])
+        pieces = [n // width for n in pieces]
+        outer = list(loops[:-1])
+    elif inner_ext is not None and inner_ext >= lanes and len(loops) >= 1:
         if inner_ext % lanes == 0 or inner_ext > 4 * lanes:
             outer_loop, vec = sch.split(loops[-1], factors=[None, lanes])
         else:
@@ -278,6 +319,8 @@ def _schedule_spatial(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes
         sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
     if vec is not None:
         sch.vectorize(vec)
+    if len(pieces) > 1:
+        sch.loop_partition(piece_loop, [*pieces[:-1], None])
 
 
 def _root_blocks(rule: CPUScheduleRule, func: tirx.PrimFunc, target: Target) -> tuple | None:
@@ -661,6 +704,15 @@ def _vectorize_tail(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
         sch.unroll(loops[-3])  # (a parallel loop of few tiles above a one-row tile stays parallel)
 
 
+def _cuts_of_reads(stmt: tirx.SBlock, concats: list) -> list[int]:
+    """The cuts of the first inlined concatenation (`concats`: parts' buffers, cuts) that `stmt` reads."""
+    reads = [r.source for r in stmt.reads]
+    for parts, cuts in concats:
+        if all(any(p.same_as(r) for r in reads) for p in parts):
+            return cuts
+    return []
+
+
 def _is_parallel(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> bool:
     return sch.get(loop).kind == tirx.ForKind.PARALLEL
 
@@ -674,15 +726,25 @@ class Elementwise(CPUScheduleRule):
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
         tile, tiled = _tile_annotation(sch, blocks)
+        concats = []  # (the parts' buffers, where they are cut) of the concatenations inlined in place
         for b in blocks[:-1]:
             info = get_sblock_info(sch, b)
             # A pixel-tile block and the elementwise chain after it are inlined although they select among
             # expressions: each element is computed once anyway.
-            if info.is_injective() and (tiled(b) or not _keeps_copy(sch, b)):
+            if not info.is_injective():
+                continue
+            # A concatenation read in place, and what reads it in place after it, are inlined (their
+            # consumer's loop is cut at the parts).
+            stmt = sch.get(b)
+            in_place = all(_reads_in_place(sch.get(c), stmt.writes[0].source) for c in sch.get_consumers(b))
+            cuts = (_concat_cuts(sch, b) or _cuts_of_reads(stmt, concats)) if in_place else []
+            if tiled(b) or cuts or not _keeps_copy(sch, b):
                 try:
                     sch.compute_inline(b)
                 except Exception:  # noqa: BLE001
-                    pass
+                    continue
+                if cuts:
+                    concats.append(([r.source for r in stmt.reads], cuts))
         lanes = vector_lanes(target)
         for b in sch.get_child_blocks(get_root_block(sch)):
             info = get_sblock_info(sch, b)
@@ -691,7 +753,7 @@ class Elementwise(CPUScheduleRule):
                 continue
             if info.is_injective():
                 if not (tiled(b) and _schedule_pixel_tiles(sch, b, tile, lanes)):
-                    _schedule_spatial(sch, b, lanes)
+                    _schedule_spatial(sch, b, lanes, _concat_cuts(sch, b) or _cuts_of_reads(sch.get(b), concats))
             else:
                 kinds = info.dom_kind()
                 n_lead = len(kinds) - len(kinds.lstrip("S"))

@@ -455,7 +455,8 @@ def _blocks_after_elementwise(make_out) -> int:
 
 def test_concat_inlined_only_into_permuting_consumers():
     """A channel concat read through a permutation (ShuffleNet's concat + shuffle) is inlined: one copy, not
-    two; read element for element (DenseNet's concat + BN + ReLU) it stays a vectorized copy; padding stays.
+    two; read element for element (DenseNet's concat + BN + ReLU) it is inlined too, its loop cut into the
+    parts (`test_concatenation_read_in_place_is_cut_into_its_parts`); padding stays.
     The shuffled channels split in halves (ShuffleNet-v2's next unit) are computed by the halves' copies
     themselves, without the shuffled tensor in between (ShuffleNet-v2 at batch 8: 15.3 -> 14.6 ms)."""
     shuffle = lambda topi, a, b: topi.transpose(  # noqa: E731
@@ -465,8 +466,37 @@ def test_concat_inlined_only_into_permuting_consumers():
     assert _blocks_after_elementwise(shuffle) == 1
     halves = lambda topi, a, b: list(topi.split(topi.reshape(shuffle(topi, a, b), (2, 6, 6, 16)), 2, axis=3))  # noqa: E731
     assert _blocks_after_elementwise(halves) == 2
-    assert _blocks_after_elementwise(relu) == 2
+    assert _blocks_after_elementwise(relu) == 1
     assert _blocks_after_elementwise(pad) == 2
+
+
+@pytest.mark.parametrize("channels, lanes", [((16, 32, 8), 8), ((16, 32, 48, 64), 16), ((12, 20, 4), 4),
+                                            ((6, 9, 3), None)])
+def test_concatenation_read_in_place_is_cut_into_its_parts(channels, lanes):
+    """A channel concatenation of many parts read element for element (DenseNet-169's 13 feature maps + BN +
+    ReLU) is one pass whose channel loop is cut where the parts meet, in vectors dividing every part: once
+    lowered, each piece reads its part with no select per element (that concat + BN + ReLU: 0.78 -> 0.06 ms)."""
+    from tvm import s_tir, te, topi
+
+    target = _target()
+    parts = [te.placeholder((2, 5, 7, c), name=f"p{i}") for i, c in enumerate(channels)]
+    out = topi.nn.relu(topi.subtract(topi.concatenate(parts, axis=3), te.placeholder((sum(channels),), name="m")))
+    func = te.create_prim_func([*parts, out.op.input_tensors[0].op.input_tensors[1], out])
+    sch = cpu_schedule.Elementwise().apply(func, target, False)
+    mod = tvm.IRModule({"main": sch.mod["main"].with_attrs({"global_symbol": "main", "target": target})})
+    lowered = tvm.transform.Sequential([
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
+        s_tir.transform.StmtSimplify(), tirx.transform.VectorizeLoop(True), tirx.transform.StmtSimplify()])(mod)
+    text = lowered["main"].script()
+    assert "if_then_else" not in text and "sblock_alloc_buffer" not in sch.mod["main"].script()
+    if lanes:  # whole vectors of the parts' common divisor
+        assert f", 1, {lanes})" in text and not any(f", 1, {n})" in text for n in (4, 8, 16) if n != lanes)
+    ex = tvm.compile(mod, target=target)
+    xs = [RNG.standard_normal((2, 5, 7, c)).astype(np.float32) for c in channels]
+    m = RNG.standard_normal(sum(channels)).astype(np.float32)
+    got = tvm.runtime.tensor(np.zeros((2, 5, 7, sum(channels)), np.float32))
+    ex["main"](*[tvm.runtime.tensor(x) for x in xs], tvm.runtime.tensor(m), got)
+    np.testing.assert_array_equal(got.numpy(), np.maximum(np.concatenate(xs, axis=3) - m, 0))
 
 
 def _prim_funcs(model: onnx.ModelProto) -> dict[str, tirx.PrimFunc]:
