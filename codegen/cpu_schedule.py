@@ -727,6 +727,7 @@ class Elementwise(CPUScheduleRule):
         blocks = sch.get_child_blocks(get_root_block(sch))
         tile, tiled = _tile_annotation(sch, blocks)
         concats = []  # (the parts' buffers, where they are cut) of the concatenations inlined in place
+        per_tile: list[str] = []  # pixel-tile blocks read by several consumers (`_compute_per_tile`)
         for b in blocks[:-1]:
             info = get_sblock_info(sch, b)
             # A pixel-tile block and the elementwise chain after it are inlined although they select among
@@ -736,7 +737,11 @@ class Elementwise(CPUScheduleRule):
             # A concatenation read in place, and what reads it in place after it, are inlined (their
             # consumer's loop is cut at the parts).
             stmt = sch.get(b)
-            in_place = all(_reads_in_place(sch.get(c), stmt.writes[0].source) for c in sch.get_consumers(b))
+            consumers = sch.get_consumers(b)
+            if tiled(b) and len(consumers) > 1:
+                per_tile.append(stmt.name_hint)
+                continue
+            in_place = all(_reads_in_place(sch.get(c), stmt.writes[0].source) for c in consumers)
             cuts = (_concat_cuts(sch, b) or _cuts_of_reads(stmt, concats)) if in_place else []
             if tiled(b) or cuts or not _keeps_copy(sch, b):
                 try:
@@ -749,10 +754,13 @@ class Elementwise(CPUScheduleRule):
         for b in sch.get_child_blocks(get_root_block(sch)):
             info = get_sblock_info(sch, b)
             loops = sch.get_loops(b)
-            if not loops:
+            if not loops or sch.get(b).name_hint in per_tile:
                 continue
             if info.is_injective():
-                if not (tiled(b) and _schedule_pixel_tiles(sch, b, tile, lanes)):
+                if tiled(b) and _schedule_pixel_tiles(sch, b, tile, lanes):
+                    _compute_per_tile(sch, [sch.get_sblock(name) for name in per_tile], b)
+                    per_tile = []
+                else:
                     _schedule_spatial(sch, b, lanes, _concat_cuts(sch, b) or _cuts_of_reads(sch.get(b), concats))
             else:
                 kinds = info.dom_kind()
@@ -760,6 +768,8 @@ class Elementwise(CPUScheduleRule):
                 if n_lead and len(loops) == len(kinds) and _work(sch, b) >= MIN_PARALLEL_WORK:
                     lead = sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0]
                     sch.parallel(lead)
+        for name in per_tile:  # (no pixel-tile consumer took them)
+            _schedule_spatial(sch, sch.get_sblock(name), lanes)
         return sch
 
 
@@ -867,6 +877,27 @@ def _schedule_pixel_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, t
     if width > 1:
         sch.vectorize(c_i)
     return True
+
+
+def _compute_per_tile(sch: s_tir.Schedule, blocks: list, consumer: s_tir.schedule.SBlockRV) -> None:
+    """Computes each of `blocks` (pixel-tile values that several blocks read, such as a Winograd output plus
+    bias that SiLU multiplies by its own sigmoid) per tile and channel vector of `consumer`
+    (`_schedule_pixel_tiles`) into a local buffer, its pixels unrolled, instead of inlining a copy of its
+    expression into each reader. Inlined, a Winograd output's chain of selects over the tile's 16 sums was
+    repeated several times per pixel: 20-30 s to compile each such function of YOLOX-s."""
+    channel_loop = sch.get_loops(consumer)[1]
+    for block in reversed(blocks):  # the last one's readers are all in `consumer` already
+        try:
+            sch.compute_at(block, channel_loop, preserve_unit_loops=False)
+        except Exception:  # noqa: BLE001 - e.g. a tile the region analysis cannot cover: inline it as before
+            sch.compute_inline(block)
+            continue
+        sch.set_scope(block, 0, "local")
+        loops = sch.get_loops(block)[2:]
+        for loop in loops[:-1]:
+            sch.unroll(loop)
+        if loops:
+            sch.vectorize(loops[-1])
 
 
 def _rules() -> list[CPUScheduleRule]:

@@ -30,11 +30,14 @@ def test_transforms_compute_the_correlation(tiling):
     np.testing.assert_allclose(y, direct, rtol=1e-5, atol=1e-5)  # (the weight transform is rounded to float32)
 
 
-def _model(c_in: int, c_out: int, size: int, batch: int = 1, residual: bool = False, **attrs) -> onnx.ModelProto:
+def _model(c_in: int, c_out: int, size: int, batch: int = 1, residual: bool = False, silu: bool = False,
+           **attrs) -> onnx.ModelProto:
     w = (RNG.standard_normal((c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)).astype(np.float32)
     b = RNG.standard_normal(c_out).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], **attrs),
              helper.make_node("Relu", ["c"], ["r"])]
+    if silu:  # x * Sigmoid(x): the conv's output read twice
+        nodes[-1:] = [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["r"])]
     if residual:  # a second conv whose output is added to the first's: an epilogue with two inputs
         nodes += [helper.make_node("Conv", ["r", "w2", "b"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
                   helper.make_node("Add", ["c2", "r"], ["y"])]
@@ -168,3 +171,17 @@ def test_four_by_four_tiles_where_there_are_enough():
     assert winograd.choose_tiling(32, 128, [8, 27, 27, 128]) is winograd.F4
     assert not winograd.worth_it(32, 128, [8, 27, 27, 128], winograd.F2)
     assert winograd.choose_tiling(16, 64, [1, 12, 12, 64]) is None  # 9 tiles of 4 x 4; too few channels for F(2x2)
+
+
+def test_outputs_read_twice_are_computed_once_per_tile():
+    """Where the epilogue reads the conv's output twice (SiLU: x * Sigmoid(x)), the output transform is
+    computed per tile and channel vector into a local buffer: inlined, its chain of selects over the tile's
+    16 sums was repeated in each reader (YOLOX-s: 20-30 s to compile each such function, 4.4 min in all)."""
+    target = cpu_target(2).target()
+    model = _model(c_in=32, c_out=48, size=23, pads=[1, 1, 1, 1], silu=True)
+    mod = lowered_module(model, target)
+    out = next(f for gv, f in mod.functions_items() if gv.name_hint.startswith("fused_winograd_output")).script()
+    assert out.count("T.Select(") == winograd.F4.m ** 2 - 1, out  # one chain of 16 sums
+    assert 'scope="local"' in out, out
+    x = RNG.standard_normal((1, 32, 23, 23)).astype(np.float32)
+    assert max_rel_error_vs_ort(model, x, target) < 1e-5
