@@ -65,7 +65,8 @@ def build(name: str, batch: int) -> onnx.ModelProto:
 
 
 def batches_of(name: str, batches: list[int]) -> list[int]:
-    """The batch sizes to time `name` at: an ONNX file whose first input fixes its leading dim has only that one."""
+    """The batch sizes to time `name` at: an ONNX file whose first input fixes its leading dim has only that
+    one."""
     if not name.endswith(".onnx"):
         return batches
     graph = onnx.load(name, load_external_data=False).graph

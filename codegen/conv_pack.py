@@ -11,9 +11,10 @@ an index map that the schedule inlines: same arithmetic, same summation order.
 
 A matmul by a constant [k, n] weight over more than one row (a batch-8 fully connected layer, a
 transformer's projections) is stored the same way, as [n / P, k, P] panels, and computed by `packed_matmul`
-(which the wasm backend's dense packing uses as well). Its weights jumped a whole row per reduction step as well: AlexNet's
-9216 x 4096 layer at batch 8 took 14.3 ms (10.6 GB/s of weights) against 4.7 ms packed, the two following
-ones 5.8 + 1.0 -> 2.1 + 0.7 ms; a 384-wide transformer's projections at 128 tokens ran at 91 -> 96 GMAC/s.
+(which the wasm backend's dense packing uses too). Its weights jumped a whole row per reduction step as well:
+AlexNet's 9216 x 4096 layer at batch 8 took 14.3 ms (10.6 GB/s of weights) against 4.7 ms packed, the two
+following ones 5.8 + 1.0 -> 2.1 + 0.7 ms; a 384-wide transformer's projections at 128 tokens ran at 91 -> 96
+GMAC/s.
 Batch-1 matmuls are packed earlier, by `layout.pack_gemv_weights`.
 
 Runs in the lowering pipeline after the sparse rewrite, which matches the plain conv2d ops.

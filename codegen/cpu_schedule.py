@@ -210,13 +210,13 @@ def _keeps_copy(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
     """Whether a block with a select stays its own pass instead of being inlined into its consumers.
 
     Padding with a constant does (the consumers' loops would test bounds). A concatenation is inlined only
-    into consumers that permute it (ShuffleNet's concat + channel shuffle + split: one copy instead of two)
-    (`Elementwise` also inlines one along its innermost axis into consumers reading it in place: see
-    `_concat_cuts`). A consumer reading it element for element would otherwise select per element, which is
-    slower than the copy (DenseNet's concat + BN + ReLU: 1.5x). Consumers that only copy (the halves of a
-    split after ShuffleNet-v2's shuffle) compute the selection themselves: the shuffled tensor was a
-    workspace buffer written and read again (ShuffleNet-v2 at batch 8 15.3 -> 14.6 ms, at batch 1 2.68 ->
-    2.39 ms)."""
+    into consumers that permute it (ShuffleNet's concat + channel shuffle + split: one copy instead of two).
+    A consumer reading it element for element would select per element, which is slower than the copy
+    (DenseNet's concat + BN + ReLU: 1.5x), unless the concatenation is along its innermost axis: `Elementwise`
+    inlines that one and cuts the consumer's loop at the parts (`_concat_cuts`). Consumers that only copy
+    (the halves of a split after ShuffleNet-v2's shuffle) compute the selection themselves: the shuffled
+    tensor was a workspace buffer written and read again (ShuffleNet-v2 at batch 8 15.3 -> 14.6 ms, at batch
+    1 2.68 -> 2.39 ms)."""
     body = sch.get(block).body
     value = body.value if isinstance(body, tirx.BufferStore) else None
     if not (isinstance(value, tvm.ir.Call) and str(value.op.name).endswith("if_then_else")):
@@ -260,6 +260,18 @@ def _concat_cuts(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[in
         else:
             return []
     return sorted(set(cuts)) if isinstance(value, tvm.ir.TensorLoad) else []
+
+
+def _cuts(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, concats: list) -> list[int]:
+    """Where the block's innermost loop is cut: at its own concatenation's parts (`_concat_cuts`), or at those
+    of the first inlined one it reads (`concats`: the parts' buffers, their cuts)."""
+    if cuts := _concat_cuts(sch, block):
+        return cuts
+    reads = [r.source for r in sch.get(block).reads]
+    for parts, cuts in concats:
+        if all(any(p.same_as(r) for r in reads) for p in parts):
+            return cuts
+    return []
 
 
 # Below this many loop iterations a function runs on one thread: waking the pool costs more than it saves.
@@ -704,15 +716,6 @@ def _vectorize_tail(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
         sch.unroll(loops[-3])  # (a parallel loop of few tiles above a one-row tile stays parallel)
 
 
-def _cuts_of_reads(stmt: tirx.SBlock, concats: list) -> list[int]:
-    """The cuts of the first inlined concatenation (`concats`: parts' buffers, cuts) that `stmt` reads."""
-    reads = [r.source for r in stmt.reads]
-    for parts, cuts in concats:
-        if all(any(p.same_as(r) for r in reads) for p in parts):
-            return cuts
-    return []
-
-
 def _is_parallel(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> bool:
     return sch.get(loop).kind == tirx.ForKind.PARALLEL
 
@@ -729,20 +732,18 @@ class Elementwise(CPUScheduleRule):
         concats = []  # (the parts' buffers, where they are cut) of the concatenations inlined in place
         per_tile: list[str] = []  # pixel-tile blocks read by several consumers (`_compute_per_tile`)
         for b in blocks[:-1]:
-            info = get_sblock_info(sch, b)
-            # A pixel-tile block and the elementwise chain after it are inlined although they select among
-            # expressions: each element is computed once anyway.
-            if not info.is_injective():
+            if not get_sblock_info(sch, b).is_injective():
                 continue
-            # A concatenation read in place, and what reads it in place after it, are inlined (their
-            # consumer's loop is cut at the parts).
             stmt = sch.get(b)
             consumers = sch.get_consumers(b)
             if tiled(b) and len(consumers) > 1:
                 per_tile.append(stmt.name_hint)
                 continue
+            # A pixel-tile block and the elementwise chain after it are inlined although they select among
+            # expressions: each element is computed once anyway. So are a concatenation read in place and
+            # what reads it in place after it (their consumer's loop is cut at the parts).
             in_place = all(_reads_in_place(sch.get(c), stmt.writes[0].source) for c in consumers)
-            cuts = (_concat_cuts(sch, b) or _cuts_of_reads(stmt, concats)) if in_place else []
+            cuts = _cuts(sch, b, concats) if in_place else []
             if tiled(b) or cuts or not _keeps_copy(sch, b):
                 try:
                     sch.compute_inline(b)
@@ -758,10 +759,10 @@ class Elementwise(CPUScheduleRule):
                 continue
             if info.is_injective():
                 if tiled(b) and _schedule_pixel_tiles(sch, b, tile, lanes):
-                    _compute_per_tile(sch, [sch.get_sblock(name) for name in per_tile], b)
+                    _compute_per_tile(sch, [sch.get_sblock(name) for name in per_tile], b, lanes)
                     per_tile = []
                 else:
-                    _schedule_spatial(sch, b, lanes, _concat_cuts(sch, b) or _cuts_of_reads(sch.get(b), concats))
+                    _schedule_spatial(sch, b, lanes, _cuts(sch, b, concats))
             else:
                 kinds = info.dom_kind()
                 n_lead = len(kinds) - len(kinds.lstrip("S"))
@@ -879,7 +880,8 @@ def _schedule_pixel_tiles(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, t
     return True
 
 
-def _compute_per_tile(sch: s_tir.Schedule, blocks: list, consumer: s_tir.schedule.SBlockRV) -> None:
+def _compute_per_tile(sch: s_tir.Schedule, blocks: list, consumer: s_tir.schedule.SBlockRV,
+                      lanes: int) -> None:
     """Computes each of `blocks` (pixel-tile values that several blocks read, such as a Winograd output plus
     bias that SiLU multiplies by its own sigmoid) per tile and channel vector of `consumer`
     (`_schedule_pixel_tiles`) into a local buffer, its pixels unrolled, instead of inlining a copy of its
