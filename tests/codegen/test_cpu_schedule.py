@@ -411,7 +411,11 @@ def test_tuning_database_is_reused(tmp_path, monkeypatch):
     with target:
         fused = tvm.transform.Sequential(layout.layout_passes(target) + cpu_generic.legalize_passes(target))(
             from_onnx(model, keep_params_in_input=False))
+    runners = []
+    local_runner = tuning.ms.runner.LocalRunner
+    monkeypatch.setattr(tuning.ms.runner, "LocalRunner", lambda **kw: runners.append(kw) or local_runner(**kw))
     assert tuning.tune(fused, target, 8, tmp_path) >= 1
+    assert runners and all(kw["evaluator_config"] is tuning.EVALUATOR for kw in runners)  # timed flushed
     assert shown and "trials" in shown[-1]  # progress beside the build spinner
     assert tuning.database_exists(tmp_path)
     # Every task's default schedule was measured and recorded beside the searched ones, so the database's

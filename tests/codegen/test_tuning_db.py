@@ -147,3 +147,21 @@ def test_default_directory_follows_the_target_and_the_schedule_rules(tmp_path, m
     assert today.parent == tmp_path and today == tuning.default_db_dir(x86) != tuning.default_db_dir(arm)
     monkeypatch.setattr(tuning, "_rules_digest", lambda: "new rules")
     assert tuning.default_db_dir(x86) != today
+
+
+def test_candidates_are_timed_with_cold_caches_and_that_keys_the_directory(monkeypatch):
+    """Candidates are timed one call at a time with all but the input flushed from the caches (as inside a
+    model, not as in a hot loop), and records timed another way belong to another directory."""
+    assert tuning.EVALUATOR.enable_cpu_cache_flush and tuning.EVALUATOR.number == 1
+    assert tuning.EVALUATOR.min_repeat_ms == 0 and tuning.EVALUATOR.repeat > 1
+    x86 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    tuning._rules_digest.cache_clear()
+    today = tuning.default_db_dir(x86)
+    monkeypatch.setattr(tuning, "EVALUATOR", ms.runner.EvaluatorConfig())  # MetaSchedule's hot loop
+    tuning._rules_digest.cache_clear()
+    try:
+        assert tuning.default_db_dir(x86) != today
+    finally:
+        monkeypatch.undo()
+        tuning._rules_digest.cache_clear()
+    assert tuning.default_db_dir(x86) == today
