@@ -54,8 +54,8 @@ def _rules_digest() -> str:
     applied on every later compile: after the defaults improve, an old record would pin a function to a
     schedule slower than the new default (register tiles that spilled to the workspace pool, before
     `cpu_schedule.STACK_TILE_BYTES`, ran 5-25% slower than today's defaults)."""
-    timing = repr((EVALUATOR.number, EVALUATOR.repeat, EVALUATOR.min_repeat_ms, EVALUATOR.enable_cpu_cache_flush))
-    return hashlib.sha256(Path(cpu_schedule.__file__).read_bytes() + timing.encode()).hexdigest()[:16]
+    timing = repr(EVALUATOR).encode()  # (a named tuple: every field, by name)
+    return hashlib.sha256(Path(cpu_schedule.__file__).read_bytes() + timing).hexdigest()[:16]
 
 
 def default_db_dir(target: tvm.target.Target) -> Path:
