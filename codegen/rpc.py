@@ -25,7 +25,7 @@ from tvm.s_tir import meta_schedule as ms
 from sparsecc.errors import BadInput, Unsupported, one_line
 from sparsecc.runtime import load
 
-from .tuning import InProcessBuilder, locked, open_database
+from .tuning import ForkBuilder, locked, open_database
 
 
 def parse_tracker(tracker: str) -> tuple[str, int]:
@@ -73,7 +73,7 @@ def benchmark_artifact(artifact: str | Path, tracker: str, key: str, inputs: dic
 
 @derived_object
 class CrossBuilder(ms.builder.PyBuilder):
-    """`tuning.InProcessBuilder`'s candidates linked into shared libraries by `fcompile` (a cross compiler),
+    """`tuning.ForkBuilder`'s candidates linked into shared libraries by `fcompile` (a cross compiler),
     since a board's RPC server has no compiler to link the object archive itself."""
 
     def __init__(self, fcompile):
@@ -82,7 +82,7 @@ class CrossBuilder(ms.builder.PyBuilder):
 
     def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
         results = []
-        for result in InProcessBuilder().build(build_inputs):
+        for result in ForkBuilder().build(build_inputs):
             if result.error_msg is not None:
                 results.append(result)
                 continue
@@ -103,7 +103,7 @@ def tune_over_rpc(mod: tvm.IRModule, target: tvm.target.Target, tracker: str, ke
     host, port = parse_tracker(tracker)
     runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                                      session_timeout_sec=60), max_workers=1)
-    builder = CrossBuilder(fcompile) if fcompile else InProcessBuilder()
+    builder = CrossBuilder(fcompile) if fcompile else ForkBuilder()
     with locked(db_dir):
         database = open_database(db_dir)
         ms.tir_integration.tune_tir(mod, target, str(db_dir), max_trials_global=trials,

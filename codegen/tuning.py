@@ -8,8 +8,9 @@ marking those functions scheduled so the default rules leave them alone. A secon
 finds all its functions in the database and tunes nothing. Candidates are timed with cold caches
 (`EVALUATOR`), as they run inside a model.
 
-Candidates are built in this process (`InProcessBuilder`): MetaSchedule's `LocalBuilder` starts a worker
-pool per batch whose build function imports `tvm.s_tir.tensor_intrin` (~46 s here), which makes tuning crawl.
+Candidates are built in children forked from this process (`ForkBuilder`), each within a time limit:
+MetaSchedule's `LocalBuilder` starts a worker pool per batch whose build function imports
+`tvm.s_tir.tensor_intrin` (~46 s here), which makes tuning crawl.
 Records are keyed by the structural hash of each PrimFunc as fusion emits it (attributes included), so the
 functions are tuned and looked up in exactly the same form.
 
@@ -25,9 +26,12 @@ import fcntl
 import functools
 import hashlib
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,22 +158,63 @@ def open_database(db_dir: str | Path) -> ms.database.JSONDatabase:
     )
 
 
+# A candidate that takes longer than this to build is dropped as failed. Searched schedules can unroll and
+# vectorize a function into one basic block so large that LLVM's backend works on it for tens of minutes
+# (ShuffleNet-v2 at batch 8: one candidate still building after 20 minutes); the default schedules of the
+# largest functions here build in under 35 s.
+BUILD_TIMEOUT_S = 90.0
+
+
+def _build_candidate(mod: tvm.IRModule, target: tvm.target.Target, path: str) -> None:
+    """Runs in a forked child: build one candidate into `path`; a failure's message goes to `path`.err."""
+    try:
+        mod = tvm.s_tir.transform.RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        tvm.compile(mod, target=target).export_library(path, fcompile=tvm.support.tar.tar)
+    except Exception as e:  # noqa: BLE001 - a failed candidate is reported, not raised
+        Path(path + ".err").write_text(f"{type(e).__name__}: {e}"[:2000])
+        raise SystemExit(1) from None
+
+
 @derived_object
-class InProcessBuilder(ms.builder.PyBuilder):
-    """Builds candidates in this process (see the module docstring for why not `LocalBuilder`)."""
+class ForkBuilder(ms.builder.PyBuilder):
+    """Builds candidates in children forked from this process, one per core at a time, each within
+    `BUILD_TIMEOUT_S` (see the module docstring for why not `LocalBuilder`: a fork starts with TVM loaded)."""
 
     def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
-        results = []
-        for bi in build_inputs:
-            try:
-                mod = tvm.s_tir.transform.RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
-                ex = tvm.compile(mod, target=bi.target)
+        fork = multiprocessing.get_context("fork")
+        workers = max(1, len(os.sched_getaffinity(0)))
+        results: list[ms.builder.BuilderResult | None] = [None] * len(build_inputs)
+        pending = list(enumerate(build_inputs))
+        running: dict[int, tuple] = {}
+        while pending or running:
+            while pending and len(running) < workers:
+                i, bi = pending.pop(0)
                 # One directory per candidate: MetaSchedule removes it once the candidate has run.
                 path = os.path.join(tempfile.mkdtemp(prefix="sparsecc-ms-"), "candidate.tar")
-                ex.export_library(path, fcompile=tvm.support.tar.tar)
-                results.append(ms.builder.BuilderResult(path, None))
-            except Exception as e:  # noqa: BLE001 - a failed candidate is reported, not raised
-                results.append(ms.builder.BuilderResult(None, f"{type(e).__name__}: {e}"[:2000]))
+                child = fork.Process(target=_build_candidate, args=(bi.mod, bi.target, path), daemon=True)
+                with warnings.catch_warnings():  # Python 3.12+ warns on fork beside threads; the child only builds
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    child.start()
+                running[i] = (child, path, time.monotonic() + BUILD_TIMEOUT_S)
+            soonest = min(deadline for _, _, deadline in running.values())
+            multiprocessing.connection.wait([c.sentinel for c, _, _ in running.values()],
+                                            timeout=max(0.0, soonest - time.monotonic()))
+            for i, (child, path, deadline) in list(running.items()):
+                if child.exitcode is None and time.monotonic() < deadline:
+                    continue
+                del running[i]
+                if child.exitcode is None:
+                    child.kill()
+                    error = f"build took longer than {BUILD_TIMEOUT_S:g} s"
+                elif child.exitcode == 0 and os.path.isfile(path):
+                    error = None
+                else:
+                    err = Path(path + ".err")
+                    error = err.read_text() if err.is_file() else f"build exited with code {child.exitcode}"
+                child.join()
+                if error:
+                    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                results[i] = ms.builder.BuilderResult(None if error else path, error)
         return results
 
 
@@ -248,7 +293,7 @@ def _tune_locked(mod: tvm.IRModule, target: tvm.target.Target, trials: int, db_d
     threads = target.attrs.get("num-cores")
     runner = ms.runner.LocalRunner(evaluator_config=EVALUATOR,
                                    initializer=functools.partial(_use_threads, int(threads)) if threads else None)
-    builder = InProcessBuilder()
+    builder = ForkBuilder()
     _commit_defaults(todo, target, db, builder, runner)
     try:
         import xgboost  # noqa: F401

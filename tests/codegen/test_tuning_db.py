@@ -165,3 +165,40 @@ def test_candidates_are_timed_with_cold_caches_and_that_keys_the_directory(monke
         monkeypatch.undo()
         tuning._rules_digest.cache_clear()
     assert tuning.default_db_dir(x86) == today
+
+
+def test_candidates_build_in_parallel_within_a_time_limit(monkeypatch):
+    """A candidate whose build does not end (LLVM on one huge basic block) is dropped after `BUILD_TIMEOUT_S`,
+    its child killed; one that fails or crashes reports why; the others build."""
+    import multiprocessing
+    import os
+    import signal
+
+    def candidate(flag: str) -> tvm.IRModule:
+        return tvm.IRModule({"main": _add_one.with_attr(flag, True) if flag else _add_one})
+
+    compile_ = tvm.compile
+
+    def flaky_compile(mod, target):
+        attrs = mod["main"].attrs
+        if attrs.get("stuck", False):
+            time.sleep(600)
+        if attrs.get("broken", False):
+            raise RuntimeError("no code for this candidate")
+        if attrs.get("crash", False):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return compile_(mod, target=target)
+
+    monkeypatch.setattr(tvm, "compile", flaky_compile)
+    monkeypatch.setattr(tuning, "BUILD_TIMEOUT_S", 3.0)
+    x86 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    flags = ["", "stuck", "broken", "crash", ""]
+    start = time.monotonic()
+    results = tuning.ForkBuilder().build([ms.builder.BuilderInput(candidate(f), x86) for f in flags])
+    assert time.monotonic() - start < 30
+    assert results[0].error_msg is None and results[0].artifact_path.endswith(".tar")
+    assert results[4].error_msg is None and results[4].artifact_path != results[0].artifact_path
+    assert results[1].artifact_path is None and "longer than 3 s" in results[1].error_msg
+    assert results[2].artifact_path is None and results[2].error_msg == "RuntimeError: no code for this candidate"
+    assert results[3].artifact_path is None and str(-signal.SIGSEGV) in results[3].error_msg
+    assert not multiprocessing.active_children()  # the stuck build was killed and reaped
