@@ -197,6 +197,34 @@ def pack_gemv_weights(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pass
 
 
+@mutator
+class _BatchNormRewriter(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.nn.batch_norm") or not all(
+                isinstance(a, tvm.ir.Constant) for a in call.args[1:5]):
+            return call
+        x = call.args[0]
+        gamma, beta, mean, var = (a.value.numpy().astype(np.float64) for a in call.args[1:5])
+        scale = gamma / np.sqrt(var + float(call.attrs.epsilon))
+        shift = beta - mean * scale
+        rank, axis = len(x.ty.shape), int(call.attrs.axis) % len(x.ty.shape)
+        dims = (1,) * axis + (-1,) + (1,) * (rank - 1 - axis)  # x's rank: layout inference converts them with x
+        dtype = str(x.ty.dtype)
+        y = relax.op.add(relax.op.multiply(x, relax.const(scale.reshape(dims).astype(dtype))),
+                         relax.const(shift.reshape(dims).astype(dtype)))
+        return relax.Tuple([y, call.args[3], call.args[4]])  # batch_norm's (output, mean, var)
+
+
+@tvm.transform.module_pass(opt_level=0, name="BatchNormToScaleShift")
+def batch_norm_to_scale_shift(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Inference BN with constant statistics as x * scale + shift, the two folded from its four parameters
+    at compile time. Relax's decomposition computes (x - mean) / sqrt(var + eps) * gamma + beta, which after
+    constant folding still loads four parameters and divides per element (DenseNet's pre-activation BNs,
+    which no conv before them can absorb)."""
+    return rewrite_relax_functions(mod, _BatchNormRewriter(mod))
+
+
 def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
     e = topi.fast_exp(topi.negative(x))
     return te.compute(x.shape, lambda *i: tirx.const(1, x.dtype) / (tirx.const(1, x.dtype) + e(*i)),
@@ -223,6 +251,7 @@ def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     return [
         relax.transform.FoldConstant(),  # Clip bounds arrive as where(isnan(c), inf, c)
         clip_to_relax_ops,
+        batch_norm_to_scale_shift,
         relax.transform.DecomposeOpsForInference(),  # batch_norm -> scale/shift, foldable into epilogues
         relax.transform.ConvertLayout(CONV_LAYOUTS),
         shuffle_to_nhwc,  # layout inference stops at channel shuffles' reshapes

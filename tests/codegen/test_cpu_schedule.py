@@ -157,6 +157,24 @@ def _scheduled_module(model: onnx.ModelProto) -> tvm.IRModule:
         return seq(from_onnx(model, keep_params_in_input=False))
 
 
+def test_batch_norm_is_a_folded_scale_and_shift():
+    """A BN no conv can absorb (DenseNet's pre-activation BN after a concatenation) runs as x * scale + shift,
+    both folded at compile time: two parameters per channel, no division per element."""
+    c = 32
+    inits = {"g": np.abs(RNG.standard_normal(2 * c)) + 0.5, "b": RNG.standard_normal(2 * c),
+             "m": RNG.standard_normal(2 * c), "v": np.abs(RNG.standard_normal(2 * c)) + 0.1}
+    nodes = [_conv("c", "x", 16, c, 3, inits=inits), helper.make_node("Concat", ["c", "x2"], ["cat"], axis=1),
+             helper.make_node("BatchNormalization", ["cat", "g", "b", "m", "v"], ["bn"], epsilon=1e-3),
+             helper.make_node("Relu", ["bn"], ["r"]), _conv("y", "r", 2 * c, c, 1, inits=inits)]
+    nodes.insert(1, _conv("x2", "x", 16, c, 1, inits=inits))
+    model = _model(nodes, [1, 16, 14, 14], [1, c, 14, 14], inits)
+    funcs = {gv.name_hint: f for gv, f in _scheduled_module(model).functions_items() if isinstance(f, tirx.PrimFunc)}
+    bn = [f for name, f in funcs.items() if "multiply_add" in name]
+    assert len(bn) == 1 and " / " not in bn[0].script()
+    assert len(bn[0].params) == 5  # two conv outputs, scale, shift, the result (in NHWC)
+    _check(model, [1, 16, 14, 14])
+
+
 def test_functions_are_scheduled():
     inits: dict[str, np.ndarray] = {}
     nodes = [_conv("c", "x", 16, 32, 3, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
