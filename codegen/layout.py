@@ -206,6 +206,8 @@ class _BatchNormRewriter(PyExprMutator):
             return call
         x = call.args[0]
         gamma, beta, mean, var = (a.value.numpy().astype(np.float64) for a in call.args[1:5])
+        gamma = gamma if call.attrs.scale else np.ones_like(gamma)
+        beta = beta if call.attrs.center else np.zeros_like(beta)
         scale = gamma / np.sqrt(var + float(call.attrs.epsilon))
         shift = beta - mean * scale
         rank, axis = len(x.ty.shape), int(call.attrs.axis) % len(x.ty.shape)

@@ -175,6 +175,30 @@ def test_batch_norm_is_a_folded_scale_and_shift():
     _check(model, [1, 16, 14, 14])
 
 
+@pytest.mark.parametrize("shape, axis", [((2, 4, 3, 3), 1), ((5, 4), 1), ((2, 3, 4), 1), ((2, 3, 3, 4), 3)])
+@pytest.mark.parametrize("center, scale", [(True, True), (False, True), (True, False)])
+def test_batch_norm_scale_shift_matches_the_decomposition(shape, axis, center, scale):
+    """Any rank and axis, with or without gamma (`scale`) and beta (`center`): the folded BN computes what
+    Relax's own decomposition computes."""
+    c = shape[axis]
+    params = [relax.const(RNG.standard_normal(c).astype(np.float32)) for _ in range(3)]
+    var = relax.const((np.abs(RNG.standard_normal(c)) + 0.1).astype(np.float32))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            bn = bb.emit(relax.op.nn.batch_norm(x, *params, var, axis=axis, epsilon=1e-3, center=center,
+                                                scale=scale))
+            out = bb.emit_output(relax.TupleGetItem(bn, 0))
+        bb.emit_func_output(out)
+    data = RNG.standard_normal(shape).astype(np.float32)
+    results = []
+    for mod in (bb.get(), layout.batch_norm_to_scale_shift(bb.get())):
+        ex = tvm.compile(relax.transform.DecomposeOpsForInference()(mod), target=tvm.target.Target({"kind": "llvm"}))
+        results.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
 def test_functions_are_scheduled():
     inits: dict[str, np.ndarray] = {}
     nodes = [_conv("c", "x", 16, 32, 3, inits=inits), helper.make_node("Relu", ["c"], ["y"])]
