@@ -205,12 +205,15 @@ class _BatchNormRewriter(PyExprMutator):
                 isinstance(a, tvm.ir.Constant) for a in call.args[1:5]):
             return call
         x = call.args[0]
+        rank = x.ty.ndim
+        if rank < 0:
+            return call  # unknown rank: no broadcast shape for the constants
         gamma, beta, mean, var = (a.value.numpy().astype(np.float64) for a in call.args[1:5])
         gamma = gamma if call.attrs.scale else np.ones_like(gamma)
         beta = beta if call.attrs.center else np.zeros_like(beta)
         scale = gamma / np.sqrt(var + float(call.attrs.epsilon))
         shift = beta - mean * scale
-        rank, axis = len(x.ty.shape), int(call.attrs.axis) % len(x.ty.shape)
+        axis = int(call.attrs.axis) % rank
         dims = (1,) * axis + (-1,) + (1,) * (rank - 1 - axis)  # x's rank: layout inference converts them with x
         dtype = str(x.ty.dtype)
         y = relax.op.add(relax.op.multiply(x, relax.const(scale.reshape(dims).astype(dtype))),
@@ -254,7 +257,7 @@ def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),  # Clip bounds arrive as where(isnan(c), inf, c)
         clip_to_relax_ops,
         batch_norm_to_scale_shift,
-        relax.transform.DecomposeOpsForInference(),  # batch_norm -> scale/shift, foldable into epilogues
+        relax.transform.DecomposeOpsForInference(),  # BNs left (statistics computed at run time) -> scale/shift
         relax.transform.ConvertLayout(CONV_LAYOUTS),
         shuffle_to_nhwc,  # layout inference stops at channel shuffles' reshapes
         relax.transform.FoldConstant(),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -170,9 +173,6 @@ def test_candidates_are_timed_with_cold_caches_and_that_keys_the_directory(monke
 def test_candidates_build_in_parallel_within_a_time_limit(monkeypatch):
     """A candidate whose build does not end (LLVM on one huge basic block) is dropped after `BUILD_TIMEOUT_S`,
     its child killed; one that fails or crashes reports why; the others build."""
-    import multiprocessing
-    import os
-    import signal
 
     def candidate(flag: str) -> tvm.IRModule:
         return tvm.IRModule({"main": _add_one.with_attr(flag, True) if flag else _add_one})
